@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -224,5 +225,13 @@ def save_model(model: AsymmetricCroCo3DStereo, path: str | Path, history: list |
         torch.save(ckpt, tmp)
     else:
         raise CheckpointError(f"cannot save to {path}: use a .pth or .safetensors file name")
+    _chmod_like_new_file(tmp)
     tmp.replace(path)
     return path
+
+
+def _chmod_like_new_file(path: Path) -> None:
+    """safetensors writes owner-only files; give the usual umask-based permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

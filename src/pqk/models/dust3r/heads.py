@@ -57,9 +57,9 @@ class ResidualConvUnit(nn.Module):
 class FusionBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
+        self.out_conv = nn.Conv2d(dim, dim, 1)
         self.resConfUnit1 = ResidualConvUnit(dim)
         self.resConfUnit2 = ResidualConvUnit(dim)
-        self.out_conv = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if skip is not None:

@@ -1,0 +1,35 @@
+"""Files shipped inside the package: the default model pqk runs when given none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+DEMO_CHECKPOINT = ASSETS / "demo_dust3r.safetensors"
+DEMO_NOTICE = (
+    "using the bundled DEMO weights (a tiny randomly initialised DUSt3R, seed 42): the pipeline runs, "
+    "but the point clouds are not a real reconstruction; pass --checkpoint for a trained model"
+)
+
+# A tiny DUSt3R with the linear head: any input size, ~0.4M parameters.
+DEMO_KWARGS = dict(
+    enc_embed_dim=64, enc_depth=2, enc_num_heads=4,
+    dec_embed_dim=48, dec_depth=2, dec_num_heads=4,
+    img_size=(512, 512), landscape_only=False, head_type="linear",
+)
+
+
+def default_checkpoint() -> tuple[Path, str | None]:
+    """The checkpoint used when the user names none, and the notice to print with it."""
+    return DEMO_CHECKPOINT, DEMO_NOTICE
+
+
+def make_demo_checkpoint(path: Path = DEMO_CHECKPOINT) -> Path:
+    """Rebuild the bundled demo file (deterministic: seed 42)."""
+    import torch
+
+    from pqk.models.dust3r import build_model, save_model
+
+    torch.manual_seed(42)
+    model = build_model(**DEMO_KWARGS)
+    return save_model(model, path, history=[{"step": "random_init", "seed": 42, "note": "demo weights, untrained"}])

@@ -1,0 +1,355 @@
+"""DUSt3R pair inference as a static-shape ONNX graph, and an ONNX Runtime runner with the
+torch model's `model(view1, view2) -> (res1, res2)` interface.
+
+The graph is exported with the legacy (TorchScript) exporter because the dynamo exporter
+needs onnxscript. Shapes are static: `true_shape` only ever selects Python branches and
+token grids, so it is baked in from the example inputs and the file is valid for exactly
+the shapes it was exported for (stored in its metadata and checked by `OrtPairRunner`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+import pqk
+from pqk.errors import InputError
+
+INPUT_NAMES = ("img1", "img2")
+OUTPUT_NAMES = ("pts3d", "conf", "pts3d_in_other_view", "conf2")
+MIN_OPSET = 17
+# The legacy exporter's ceiling (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET).
+MAX_OPSET = 20
+# ONNX Runtime 1.31 refuses the IR 14 that onnx 1.23 writes by default.
+MAX_IR_VERSION = 10
+# Protobuf cannot serialize a message over 2 GiB; the ViT-L DPT checkpoint is ~2.3 GB of
+# float32 weights, so large graphs keep their weights in one side file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+META_PQK_VERSION = "pqk_version"
+META_DUST3R_KWARGS = "dust3r_kwargs"
+META_INPUT_SHAPES = "input_shapes"
+META_OUTPUT_NAMES = "output_names"
+
+
+# --- the exported module --------------------------------------------------------------------
+
+
+class PairGraphModule(nn.Module):
+    """Tensor-in, tensor-out DUSt3R pair for export.
+
+    `true_shape` is taken from each image's static (H, W): the two views may differ
+    (a landscape view 1 with a portrait view 2), but every image of one view batch shares
+    its view's shape, as in the official `inference` with mixed pairs.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, img1: torch.Tensor, img2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        res1, res2 = self.model(_view(img1), _view(img2))
+        return res1["pts3d"], res1["conf"], res2["pts3d_in_other_view"], res2["conf"]
+
+
+def _view(img: torch.Tensor) -> dict[str, torch.Tensor]:
+    batch, _, height, width = (int(s) for s in img.shape)
+    # A constant in the trace: the graph is only valid for this shape anyway.
+    shape = torch.tensor([[height, width]], dtype=torch.int32, device=img.device).expand(batch, 2)
+    return {"img": img, "true_shape": shape}
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def _expm1_symbolic(g: Any, x: Any) -> Any:
+    """aten::expm1 has no legacy-exporter symbolic. Plain exp(x) - 1 loses all relative
+    precision for small x (short DUSt3R rays); Kahan's form (u - 1) * x / log(u), u = exp(x),
+    is accurate because the rounding of u cancels between numerator and denominator."""
+    one = g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), x)
+    zero = g.op("CastLike", g.op("Constant", value_t=torch.tensor(0.0)), x)
+    u = g.op("Exp", x)
+    um1 = g.op("Sub", u, one)
+    kahan = g.op("Div", g.op("Mul", um1, x), g.op("Log", u))
+    # u == 1: the quotient is 0/0 and expm1(x) ~ x; u == 0 or inf: the quotient is nan
+    # while u - 1 (-1 or inf) is already exact.
+    saturated = g.op("Or", g.op("IsInf", u), g.op("Equal", u, zero))
+    out = g.op("Where", saturated, um1, kahan)
+    return g.op("Where", g.op("Equal", um1, zero), x, out)
+
+
+@contextlib.contextmanager
+def _expm1_registered(opset: int) -> Iterator[None]:
+    # Registered only for the duration of one export so no global exporter state leaks.
+    torch.onnx.register_custom_op_symbolic("aten::expm1", _expm1_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::expm1", opset)
+
+
+def _check_size(name: str, value: Any, patch: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % patch:
+        raise InputError(f"{name} must be a positive multiple of the patch size {patch}; got {value!r}")
+    return int(value)
+
+
+def _float32_model(model: nn.Module) -> nn.Module:
+    """The model itself when already float32, else a float32 copy (the caller's model is
+    never converted in place)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).float()
+
+
+def _initializer_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    height: int,
+    width: int,
+    height2: int | None = None,
+    width2: int | None = None,
+    opset: int = 17,
+    batch: int = 1,
+) -> Path:
+    """Export a DUSt3R pair (view 1 `batch`x3x`height`x`width`, view 2 the same unless
+    `height2`/`width2` are given) to `path` as a float32 ONNX graph; returns the path.
+
+    Written atomically: a failed export or check leaves any previous file untouched.
+    """
+    patch = int(model.config.patch_size)
+    height = _check_size("height", height, patch)
+    width = _check_size("width", width, patch)
+    if (height2 is None) != (width2 is None):
+        raise InputError("give both height2 and width2 for view 2, or neither")
+    height2 = height if height2 is None else _check_size("height2", height2, patch)
+    width2 = width if width2 is None else _check_size("width2", width2, patch)
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
+        raise InputError(f"batch must be a positive integer; got {batch!r}")
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}; got {opset!r}")
+    batch, opset = int(batch), int(opset)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = _float32_model(model)
+    device = next(net.parameters()).device
+    # Values do not matter for a static trace; a private generator keeps the global RNG intact.
+    gen = torch.Generator().manual_seed(0)
+    img1 = (torch.rand(batch, 3, height, width, generator=gen) * 2 - 1).to(device)
+    img2 = (torch.rand(batch, 3, height2, width2, generator=gen) * 2 - 1).to(device)
+    shapes = {INPUT_NAMES[0]: list(img1.shape), INPUT_NAMES[1]: list(img2.shape)}
+
+    # Same folder as the target so the final os.replace is a rename on one filesystem; a
+    # folder rather than a file because large graphs spill their weights beside the .onnx.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    was_training = net.training
+    try:
+        raw = tmp_dir / "raw.onnx"
+        net.eval()
+        with torch.no_grad(), warnings.catch_warnings(), _expm1_registered(opset):
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                PairGraphModule(net),
+                (img1, img2),
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+            )
+
+        proto = onnx.load(str(raw))
+        if proto.ir_version > MAX_IR_VERSION:
+            proto.ir_version = MAX_IR_VERSION
+        meta = {
+            META_PQK_VERSION: pqk.__version__,
+            META_DUST3R_KWARGS: json.dumps(model.config.to_kwargs(), sort_keys=True),
+            META_INPUT_SHAPES: json.dumps(shapes),
+            META_OUTPUT_NAMES: json.dumps(list(OUTPUT_NAMES)),
+        }
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, meta)
+        proto.doc_string = "DUSt3R image pair -> pointmaps and confidences, exported by pqk"
+
+        data_name = path.name + ".data"
+        external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        staged = tmp_dir / path.name
+        onnx.save_model(
+            proto,
+            str(staged),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+        )
+        del proto
+        # The path form also checks graphs over 2 GiB.
+        onnx.checker.check_model(str(staged))
+        # Weights first, so a reader never sees a new graph pointing at missing data.
+        stale_data = path.parent / data_name
+        if external:
+            os.replace(tmp_dir / data_name, stale_data)
+        os.replace(staged, path)
+        if not external and stale_data.exists():
+            stale_data.unlink()  # left by an earlier large export to the same name
+    finally:
+        net.train(was_training)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def _fmt(shape: tuple[int, ...] | list[int]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def _as_numpy(img: Any) -> np.ndarray:
+    if isinstance(img, torch.Tensor):
+        img = img.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(np.asarray(img, dtype=np.float32))
+
+
+class OrtPairRunner:
+    """ONNX Runtime (CPU) twin of the torch model: `runner(view1, view2) -> (res1, res2)`.
+
+    Views are dicts with `img` (torch or numpy); outputs are torch tensors, on the device
+    of view 1's image when that is a torch tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"ONNX model not found: {self.path}")
+        if threads is not None and (isinstance(threads, bool) or int(threads) <= 0):
+            raise InputError(f"threads must be a positive integer; got {threads!r}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped Fail/InvalidGraph errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"ONNX Runtime cannot load {self.path}: {first}") from exc
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if set(INPUT_NAMES) - set(inputs) or set(OUTPUT_NAMES) - outputs:
+            raise InputError(
+                f"{self.path} is not a pqk DUSt3R pair graph: expected inputs {', '.join(INPUT_NAMES)} "
+                f"and outputs {', '.join(OUTPUT_NAMES)}"
+            )
+        self.input_shapes: tuple[tuple[int, ...], tuple[int, ...]] = tuple(
+            tuple(inputs[n].shape) for n in INPUT_NAMES
+        )  # type: ignore[assignment]
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def _check_shapes(self, got: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        want = self.input_shapes
+        if got == want:
+            return
+        if want[0] == want[1]:
+            exported = f"{_fmt(want[0])} inputs"
+        else:
+            exported = f"{_fmt(want[0])} (view 1) and {_fmt(want[1])} (view 2) inputs"
+        given = _fmt(got[0]) if got[0] == got[1] else f"{_fmt(got[0])} and {_fmt(got[1])}"
+        only_batch = all(len(g) == 4 and g[1:] == w[1:] for g, w in zip(got, want))
+        hint = "--batch" if only_batch else "--height/--width"
+        raise InputError(f"this ONNX model was exported for {exported}; got {given} — re-export with {hint}")
+
+    def __call__(self, view1: Mapping[str, Any], view2: Mapping[str, Any]) -> tuple[dict, dict]:
+        imgs = [_as_numpy(v["img"]) for v in (view1, view2)]
+        self._check_shapes((tuple(imgs[0].shape), tuple(imgs[1].shape)))
+        for i, (view, img) in enumerate(zip((view1, view2), imgs), start=1):
+            shape = view.get("true_shape")
+            if shape is not None:
+                shape = np.asarray(shape.cpu() if isinstance(shape, torch.Tensor) else shape).reshape(-1, 2)
+                if not (shape == np.array(img.shape[-2:])).all():
+                    raise InputError(
+                        f"view {i}: true_shape {shape.tolist()} differs from the image size "
+                        f"{_fmt(img.shape[-2:])}; the ONNX graph assumes they are equal"
+                    )
+        out = self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, imgs)))
+        device = view1["img"].device if isinstance(view1["img"], torch.Tensor) else torch.device("cpu")
+        pts1, conf1, pts2, conf2 = (torch.from_numpy(o).to(device) for o in out)
+        return {"pts3d": pts1, "conf": conf1}, {"pts3d_in_other_view": pts2, "conf": conf2}
+
+
+# --- agreement with torch -------------------------------------------------------------------
+
+
+def _errors(ort_out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    a, b = ort_out.detach().cpu().double(), ref.detach().cpu().double()
+    # Identical infinities (an overflowed conf in both) are agreement, not nan.
+    diff = torch.where(a == b, torch.zeros_like(a), a - b)
+    ref_norm, ref_max = b.norm().item(), b.abs().max().item()
+    rel_l2 = diff.norm().item() / ref_norm if ref_norm > 0 else diff.norm().item()
+    max_ratio = diff.abs().max().item() / ref_max if ref_max > 0 else diff.abs().max().item()
+    return rel_l2, max_ratio
+
+
+def compare_with_torch(
+    model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    view1: Mapping[str, Any],
+    view2: Mapping[str, Any],
+) -> dict[str, float]:
+    """Per ONNX output name: `<name>_rel_l2` = ‖ort − torch‖/‖torch‖ and
+    `<name>_max_abs_ratio` = max|ort − torch| / max|torch|; `max_rel_l2` is the worst."""
+    runner = OrtPairRunner(onnx_path)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref1, ref2 = model(dict(view1), dict(view2))
+    finally:
+        model.train(was_training)
+    got1, got2 = runner(view1, view2)
+    pairs = {
+        "pts3d": (got1["pts3d"], ref1["pts3d"]),
+        "conf": (got1["conf"], ref1["conf"]),
+        "pts3d_in_other_view": (got2["pts3d_in_other_view"], ref2["pts3d_in_other_view"]),
+        "conf2": (got2["conf"], ref2["conf"]),
+    }
+    report: dict[str, float] = {}
+    for name, (got, ref) in pairs.items():
+        if got.shape != ref.shape:
+            raise InputError(f"{name}: ONNX output shape {tuple(got.shape)} differs from torch {tuple(ref.shape)}")
+        report[f"{name}_rel_l2"], report[f"{name}_max_abs_ratio"] = _errors(got, ref)
+    report["max_rel_l2"] = max(report[f"{n}_rel_l2"] for n in OUTPUT_NAMES)
+    return report
+
+
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "OrtPairRunner",
+    "PairGraphModule",
+    "compare_with_torch",
+    "export_onnx",
+]

@@ -1,0 +1,67 @@
+"""Pairwise inference over a list of images: batches pairs that share shapes, runs the
+model (a torch DUSt3R or any callable with the same `(view1, view2)` interface, such as
+the ONNX Runtime runner), and returns one result per pair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+VIEW_TENSOR_KEYS = ("img", "true_shape")
+
+
+def collate_views(views: list[dict]) -> dict:
+    """Stack single-image view dicts (1,3,H,W) into one batch; labels stay lists."""
+    batch = {k: torch.cat([v[k] for v in views]) for k in VIEW_TENSOR_KEYS}
+    batch["idx"] = [v["idx"] for v in views]
+    batch["instance"] = [v["instance"] for v in views]
+    return batch
+
+
+def _shape_key(pair: tuple[dict, dict]) -> tuple:
+    return tuple(pair[0]["img"].shape[-2:]) + tuple(pair[1]["img"].shape[-2:])
+
+
+def batch_pairs(pairs: list[tuple[dict, dict]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of consecutive pairs that can share a batch (same view shapes), in order."""
+    current: list[int] = []
+    for i, pair in enumerate(pairs):
+        if current and (len(current) == batch_size or _shape_key(pairs[current[0]]) != _shape_key(pair)):
+            yield current
+            current = []
+        current.append(i)
+    if current:
+        yield current
+
+
+def _to_device(view: dict, device: torch.device | str) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in view.items()}
+
+
+def inference(
+    pairs: list[tuple[dict, dict]],
+    model: Callable,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Run `model` on every pair; returns per pair {'view1', 'view2', 'pred1', 'pred2'}
+    with the batch dimension removed and tensors on the CPU."""
+    results: list[dict] = [{} for _ in pairs]
+    for indices in batch_pairs(pairs, batch_size):
+        view1 = _to_device(collate_views([pairs[i][0] for i in indices]), device)
+        view2 = _to_device(collate_views([pairs[i][1] for i in indices]), device)
+        with torch.inference_mode():
+            pred1, pred2 = model(view1, view2)
+        for b, i in enumerate(indices):
+            results[i] = {
+                "view1": {"idx": view1["idx"][b], "instance": view1["instance"][b], "true_shape": view1["true_shape"][b].cpu()},
+                "view2": {"idx": view2["idx"][b], "instance": view2["instance"][b], "true_shape": view2["true_shape"][b].cpu()},
+                "pred1": {k: v[b].float().cpu() for k, v in pred1.items()},
+                "pred2": {k: v[b].float().cpu() for k, v in pred2.items()},
+            }
+        if on_batch is not None:
+            on_batch(len(indices))
+    return results
+
