@@ -168,7 +168,11 @@ def export_onnx(
         raw = tmp_dir / "raw.onnx"
         net.eval()
         with torch.no_grad(), warnings.catch_warnings(), _expm1_registered(opset):
+            # Expected: true_shape is read as Python ints on purpose (static graph).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # Expected: the legacy exporter is chosen on purpose (no onnxscript here).
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+            warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
             torch.onnx.export(
                 PairGraphModule(net),
                 (img1, img2),
@@ -315,13 +319,17 @@ def _errors(ort_out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def compare_with_torch(
     model: nn.Module,
-    onnx_path: str | os.PathLike[str],
+    onnx_path: str | os.PathLike[str] | OrtPairRunner,
     view1: Mapping[str, Any],
     view2: Mapping[str, Any],
 ) -> dict[str, float]:
     """Per ONNX output name: `<name>_rel_l2` = ‖ort − torch‖/‖torch‖ and
-    `<name>_max_abs_ratio` = max|ort − torch| / max|torch|; `max_rel_l2` is the worst."""
-    runner = OrtPairRunner(onnx_path)
+    `<name>_max_abs_ratio` = max|ort − torch| / max|torch|; `max_rel_l2` is the worst.
+
+    `onnx_path` may also be an open `OrtPairRunner`: a session takes seconds to build for
+    a large graph, so callers comparing several pairs should open it once.
+    """
+    runner = onnx_path if isinstance(onnx_path, OrtPairRunner) else OrtPairRunner(onnx_path)
     was_training = model.training
     model.eval()
     try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -102,18 +104,20 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
 
 
 def _read_pth(path: Path) -> tuple[dict, dict, list]:
+    refused = (
+        f"{path} was refused: it holds pickled objects other than tensors, containers and "
+        "argparse.Namespace (read with torch.load(weights_only=True))"
+    )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": the refusal below says enough
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, OSError) as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unpickl" in type(exc).__name__:
-            raise CheckpointError(
-                f"{path} was refused: it holds pickled objects other than tensors, containers and "
-                "argparse.Namespace (loaded with weights_only=True)"
-            ) from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(refused) from None
+    except Exception as exc:  # torch reports corrupt archives with several exception types
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(refused) from None
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__})") from None
-    except Exception as exc:  # pickle errors come in several types
-        raise CheckpointError(f"{path} was refused by the safe loader: {str(exc).splitlines()[0][:160]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path} is not a DUSt3R checkpoint: expected a dict with 'model' (state_dict) and 'args'")
     pqk = ckpt.get("pqk")

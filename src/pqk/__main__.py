@@ -1,0 +1,3 @@
+from pqk.cli import main
+
+main()
