@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +73,23 @@ def dpt_onnx(dpt_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactor
     return export_onnx(dpt_model, tmp_path_factory.mktemp("dpt") / "dpt.onnx", 64, 96, height2=96, width2=64)
 
 
+@pytest.fixture(scope="module")
+def linear_runner(linear_onnx: Path) -> OrtPairRunner:
+    return OrtPairRunner(linear_onnx, threads=2)
+
+
+@pytest.fixture(scope="module")
+def dpt_runner(dpt_onnx: Path) -> OrtPairRunner:
+    return OrtPairRunner(dpt_onnx, threads=2)
+
+
 SHAPES = {"linear": ((64, 96), (64, 96)), "dpt": ((64, 96), (96, 64))}
 
 
 @pytest.mark.parametrize("head", ["linear", "dpt"])
 def test_ort_matches_torch(head: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(f"{head}_model")
-    runner = OrtPairRunner(request.getfixturevalue(f"{head}_onnx"), threads=2)
+    runner = request.getfixturevalue(f"{head}_runner")
     (h1, w1), (h2, w2) = SHAPES[head]
     view1, view2 = _view(h1, w1, seed=1), _view(h2, w2, seed=2)
     _assert_close(compare_with_torch(model, runner, view1, view2))
@@ -95,10 +106,9 @@ def test_ort_matches_torch(head: str, request: pytest.FixtureRequest) -> None:
     assert got2["pts3d_in_other_view"].shape == (1, h2, w2, 3) and got2["conf"].shape == (1, h2, w2)
 
 
-def test_mixed_orientation_metadata(dpt_onnx: Path) -> None:
-    runner = OrtPairRunner(dpt_onnx)
+def test_mixed_orientation_metadata(dpt_runner: OrtPairRunner) -> None:
+    runner = dpt_runner
     assert runner.input_shapes == ((1, 3, 64, 96), (1, 3, 96, 64))
-    assert json.loads(runner.metadata["input_shapes"]) == {"img1": [1, 3, 64, 96], "img2": [1, 3, 96, 64]}
     assert json.loads(runner.metadata["dust3r_kwargs"])["head_type"] == "dpt"
     with pytest.raises(InputError, match=r"1×3×64×96 \(view 1\) and 1×3×96×64 \(view 2\)"):
         runner(_view(64, 96, 0), _view(64, 96, 1))
@@ -109,9 +119,12 @@ def test_linear_batch_of_two(linear_model: torch.nn.Module, tmp_path: Path) -> N
     _assert_close(compare_with_torch(linear_model, path, _view(64, 96, 5, batch=2), _view(64, 96, 6, batch=2)))
 
 
-def test_file_is_valid_and_described(linear_model: torch.nn.Module, linear_onnx: Path) -> None:
-    proto = onnx.load(str(linear_onnx))
-    onnx.checker.check_model(proto)
+@pytest.mark.parametrize("head", ["linear", "dpt"])
+def test_file_is_valid_and_described(head: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(f"{head}_model")
+    path = request.getfixturevalue(f"{head}_onnx")
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path))
     opset = {o.domain: o.version for o in proto.opset_import}
     assert opset[""] >= 17
     assert proto.ir_version <= onnx_export.MAX_IR_VERSION
@@ -120,10 +133,11 @@ def test_file_is_valid_and_described(linear_model: torch.nn.Module, linear_onnx:
     assert all(t.data_type == onnx.TensorProto.FLOAT for t in proto.graph.initializer if t.dims)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["pqk_version"]
-    assert json.loads(meta["dust3r_kwargs"]) == linear_model.config.to_kwargs()
-    assert json.loads(meta["input_shapes"]) == {"img1": [1, 3, 64, 96], "img2": [1, 3, 64, 96]}
+    assert json.loads(meta["dust3r_kwargs"]) == model.config.to_kwargs()
+    (h1, w1), (h2, w2) = SHAPES[head]
+    assert json.loads(meta["input_shapes"]) == {"img1": [1, 3, h1, w1], "img2": [1, 3, h2, w2]}
     # The atomic write leaves nothing but the model behind.
-    assert [p.name for p in linear_onnx.parent.iterdir()] == [linear_onnx.name]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 @pytest.mark.parametrize(
@@ -136,8 +150,8 @@ def test_bad_size_raises(linear_model: torch.nn.Module, tmp_path: Path, height: 
     assert not list(tmp_path.iterdir())
 
 
-def test_runner_rejects_other_shapes(linear_onnx: Path) -> None:
-    runner = OrtPairRunner(linear_onnx)
+def test_runner_rejects_other_shapes(linear_runner: OrtPairRunner) -> None:
+    runner = linear_runner
     with pytest.raises(InputError, match=r"exported for 1×3×64×96 inputs; got 1×3×96×128 .*--height/--width"):
         runner(_view(96, 128, 0), _view(96, 128, 1))
     with pytest.raises(InputError, match="--batch"):
@@ -146,10 +160,13 @@ def test_runner_rejects_other_shapes(linear_onnx: Path) -> None:
     view["true_shape"] = torch.tensor([[96, 64]])
     with pytest.raises(InputError, match="true_shape"):
         runner(view, _view(64, 96, 1))
+    pixels = {"img": np.zeros((1, 3, 64, 96), dtype=np.uint8)}
+    with pytest.raises(InputError, match="view 2: img must be float"):
+        runner(_view(64, 96, 0), pixels)
 
 
-def test_runner_accepts_numpy(linear_onnx: Path) -> None:
-    runner = OrtPairRunner(linear_onnx)
+def test_runner_accepts_numpy(linear_runner: OrtPairRunner) -> None:
+    runner = linear_runner
     view1, view2 = _view(64, 96, 7), _view(64, 96, 8)
     as_np = [{"img": v["img"].numpy()} for v in (view1, view2)]
     from_torch, from_np = runner(view1, view2), runner(*as_np)
@@ -165,6 +182,7 @@ def test_large_models_write_external_data(
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     export_onnx(linear_model, path, 64, 96)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert (tmp_path / "big.onnx.data").stat().st_mode == path.stat().st_mode
     view1, view2 = _view(64, 96, 9), _view(64, 96, 10)
     _assert_close(compare_with_torch(linear_model, path, view1, view2))
     # A small re-export to the same name must not leave the old weights behind.
@@ -181,3 +199,48 @@ def test_half_model_exports_float32_and_is_left_unchanged(tmp_path: Path) -> Non
     proto = onnx.load(str(path))
     assert all(t.data_type == onnx.TensorProto.FLOAT for t in proto.graph.initializer if t.dims)
     assert np.isfinite(OrtPairRunner(path)(_view(64, 96, 0), _view(64, 96, 1))[0]["conf"].numpy()).all()
+
+
+def test_expm1_stays_accurate_for_short_rays(tmp_path: Path) -> None:
+    # pts3d = v/|v| * expm1(|v|): exp(x) - 1 would lose every digit for |v| ~ 1e-6.
+    class Expm1(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.expm1(x)
+
+    x = torch.tensor([0.0, 1e-30, 1e-6, -1e-6, 1e-3, 0.5, 3.0, 88.5, 100.0, -200.0, float("nan")])
+    path = tmp_path / "expm1.onnx"
+    with onnx_export._expm1_registered(17), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Expm1(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"])
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, torch.expm1(x).numpy(), rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_ir_version_lowered_for_onnxruntime(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 14  # what onnx 1.23 writes by default
+    onnx_export.lower_ir_version(proto)
+    assert proto.ir_version == onnx_export.MAX_IR_VERSION
+    path = tmp_path / "id.onnx"
+    onnx.save(proto, str(path))
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_runner_rejects_unloadable_files(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        OrtPairRunner(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="cannot load"):
+        OrtPairRunner(garbage)

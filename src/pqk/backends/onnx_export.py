@@ -79,13 +79,14 @@ def _view(img: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _expm1_symbolic(g: Any, x: Any) -> Any:
     """aten::expm1 has no legacy-exporter symbolic. Plain exp(x) - 1 loses all relative
-    precision for small x (short DUSt3R rays); Kahan's form (u - 1) * x / log(u), u = exp(x),
-    is accurate because the rounding of u cancels between numerator and denominator."""
+    precision for small x (short DUSt3R rays); Kahan's form (u - 1) * (x / log(u)),
+    u = exp(x), is accurate because the rounding of u cancels between the two factors
+    (x / log(u) is taken first so that (u - 1) * x cannot overflow near x = 88)."""
     one = g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), x)
     zero = g.op("CastLike", g.op("Constant", value_t=torch.tensor(0.0)), x)
     u = g.op("Exp", x)
     um1 = g.op("Sub", u, one)
-    kahan = g.op("Div", g.op("Mul", um1, x), g.op("Log", u))
+    kahan = g.op("Mul", um1, g.op("Div", x, g.op("Log", u)))
     # u == 1: the quotient is 0/0 and expm1(x) ~ x; u == 0 or inf: the quotient is nan
     # while u - 1 (-1 or inf) is already exact.
     saturated = g.op("Or", g.op("IsInf", u), g.op("Equal", u, zero))
@@ -118,8 +119,16 @@ def _float32_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
+def lower_ir_version(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Cap the IR version at one ONNX Runtime 1.31 loads (in place; also returned). The
+    graph's content does not change: opsets up to 22 are valid under IR 10."""
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    return proto
+
+
 def _initializer_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in proto.graph.initializer)
+    return sum(t.ByteSize() for t in proto.graph.initializer)
 
 
 def export_onnx(
@@ -185,8 +194,7 @@ def export_onnx(
             )
 
         proto = onnx.load(str(raw))
-        if proto.ir_version > MAX_IR_VERSION:
-            proto.ir_version = MAX_IR_VERSION
+        lower_ir_version(proto)
         meta = {
             META_PQK_VERSION: pqk.__version__,
             META_DUST3R_KWARGS: json.dumps(model.config.to_kwargs(), sort_keys=True),
@@ -210,9 +218,12 @@ def export_onnx(
         del proto
         # The path form also checks graphs over 2 GiB.
         onnx.checker.check_model(str(staged))
-        # Weights first, so a reader never sees a new graph pointing at missing data.
+        # Two files cannot be swapped atomically together: move the weights first so the
+        # new graph never points at missing or stale data.
         stale_data = path.parent / data_name
         if external:
+            # onnx creates the side file owner-only; give it the .onnx file's (umask) mode.
+            shutil.copymode(staged, tmp_dir / data_name)
             os.replace(tmp_dir / data_name, stale_data)
         os.replace(staged, path)
         if not external and stale_data.exists():
@@ -230,10 +241,19 @@ def _fmt(shape: tuple[int, ...] | list[int]) -> str:
     return "×".join(str(s) for s in shape)
 
 
-def _as_numpy(img: Any) -> np.ndarray:
+def _as_numpy(img: Any, view: int) -> np.ndarray:
     if isinstance(img, torch.Tensor):
-        img = img.detach().to("cpu", torch.float32).numpy()
-    return np.ascontiguousarray(np.asarray(img, dtype=np.float32))
+        floating = img.is_floating_point()
+        img = img.detach().cpu()
+    else:
+        img = np.asarray(img)
+        floating = np.issubdtype(img.dtype, np.floating)
+    # uint8 pixels would run without error and give meaningless pointmaps.
+    if not floating:
+        raise InputError(f"view {view}: img must be float, normalized to [-1, 1]; got {img.dtype}")
+    if isinstance(img, torch.Tensor):
+        img = img.float().numpy()
+    return np.ascontiguousarray(img, dtype=np.float32)
 
 
 class OrtPairRunner:
@@ -255,9 +275,21 @@ class OrtPairRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
+        # A file ORT rejects (not ONNX, IR or opset too new, an op it lacks) is a bad input;
+        # other ORT failures (RuntimeException, EPFail) are bugs and keep their traceback.
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        load_errors = (
+            ort_state.Fail,
+            ort_state.InvalidArgument,
+            ort_state.InvalidGraph,
+            ort_state.InvalidProtobuf,
+            ort_state.NoSuchFile,
+            ort_state.NotImplemented,
+        )
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own untyped Fail/InvalidGraph errors
+        except load_errors as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"ONNX Runtime cannot load {self.path}: {first}") from exc
 
@@ -287,7 +319,7 @@ class OrtPairRunner:
         raise InputError(f"this ONNX model was exported for {exported}; got {given} — re-export with {hint}")
 
     def __call__(self, view1: Mapping[str, Any], view2: Mapping[str, Any]) -> tuple[dict, dict]:
-        imgs = [_as_numpy(v["img"]) for v in (view1, view2)]
+        imgs = [_as_numpy(v["img"], i) for i, v in enumerate((view1, view2), start=1)]
         self._check_shapes((tuple(imgs[0].shape), tuple(imgs[1].shape)))
         for i, (view, img) in enumerate(zip((view1, view2), imgs), start=1):
             shape = view.get("true_shape")
@@ -360,4 +392,5 @@ __all__ = [
     "PairGraphModule",
     "compare_with_torch",
     "export_onnx",
+    "lower_ir_version",
 ]
