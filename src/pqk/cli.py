@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Export a DUSt3R to a deployable format.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+workload_app = typer.Typer(help="The frozen workload every experiment is measured on.", no_args_is_help=True)
+app.add_typer(workload_app, name="workload")
+teacher_app = typer.Typer(help="The embedded teacher: a small DUSt3R trained on generated scenes.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -264,6 +268,159 @@ def export_onnx_cmd(
         out.print(f"ONNX Runtime vs PyTorch on a random pair, relative L2: {rel}")
         if worst > 1e-4:
             raise PqkError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} relative L2 (> 1e-4)")
+
+
+# --- pqk workload make / pqk eval -----------------------------------------------------------
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+@workload_app.command("make", epilog="Example: pqk workload make --out workload.yaml")
+def workload_make(
+    out_file: Path = typer.Option(Path("workload.yaml"), "--out", "-o", help="Where to write the workload YAML."),
+    data: Optional[Path] = typer.Option(
+        None, "--data",
+        help="A folder of your own scenes (see docs: <scene>/images, depth/<stem>.npz, cameras.npz). "
+        "Default: procedurally generated scenes with ground truth plus the Middlebury motorcycle pair.",
+    ),
+    pairs: int = typer.Option(20, "--pairs", min=1, help="Size of the frozen pair sample (the protocol uses 20)."),
+    scenes: int = typer.Option(5, "--scenes", min=1, help="Generated scenes to draw the pairs from (ignored with --data)."),
+    scene_level: int = typer.Option(1, "--scene-level", min=0, help="Scenes reconstructed whole (global alignment) for t_scene_s and chamfer."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the sample and of the generated scenes."),
+) -> None:
+    """Freeze the protocol's workload: 512 px, batch 1, swin-4 symmetrized pairs, seed 42, a fixed
+    sample of pairs, the scene-level scenes, and a content hash of the data."""
+    from pqk.pipeline.workload import make_workload, save_workload
+
+    if data is not None and not data.is_dir():
+        raise InputError(f"--data {data} is not a folder")
+    workload = make_workload(data=data, n_pairs=pairs, n_scenes=scenes, scene_level=scene_level, seed=seed)
+    save_workload(workload, out_file)
+    out.print(f"workload -> {out_file}: {len(workload.pairs)} pairs, scene level {workload.scene_level}, "
+              f"data hash {workload.data_hash[:12]}")
+
+
+def _print_record(record, details) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{record.exp_id} ({details['runtime']})", show_header=True)
+    table.add_column("group")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    groups = {
+        "quality": ("absrel", "rmse", "delta1", "chamfer"),
+        "efficiency": ("t_pair_p50_ms", "t_pair_p95_ms", "pairs_per_sec", "t_scene_s"),
+        "resources": ("params_M", "flops_G", "size_MB", "vram_GB"),
+        "cost": ("gpu_hours",),
+    }
+    row = record.as_row()
+    for group, keys in groups.items():
+        for k in keys:
+            table.add_row(group, k, str(row[k]) if row[k] != "" else "—")
+    table.add_row("cost", "usd", f"{details['cost']['usd']:.4f} at ${details['cost']['rate_usd_per_h']}/h")
+    real = details.get("real_check_motorcycle")
+    if real:
+        table.add_row("real check", "motorcycle absrel / delta1", f"{real['absrel']:.4f} / {real['delta1']:.4f}")
+    for name, base in details["baselines"].items():
+        table.add_row("baseline", f"{name} absrel / delta1", f"{base['absrel']:.4f} / {base['delta1']:.4f}")
+    out.print(table)
+    if record.notes:
+        out.print(f"notes: {record.notes}")
+
+
+@app.command(
+    "eval",
+    epilog="Example: pqk workload make --out workload.yaml && pqk eval --workload workload.yaml --out runs/eval",
+)
+def eval_cmd(
+    model: Optional[Path] = typer.Option(
+        None, "--model", "-m",
+        help="The model to measure: a DUSt3R checkpoint (any layout pqk loads) or, with --backend onnxruntime, an .onnx file. "
+        "Default: the bundled model.",
+    ),
+    workload_file: Path = typer.Option(Path("workload.yaml"), "--workload", "-w", help="The frozen workload (pqk workload make)."),
+    backend: Backend = typer.Option(Backend.torch, "--backend", help="torch (eager) or onnxruntime (exports the model, measures the exported file)."),
+    device: Device = typer.Option(Device.cpu, "--device", help="Where the model runs."),
+    out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Folder for the <exp>_eval.json and result_table.csv."),
+    exp: str = typer.Option("P0_teacher_run1", "--exp-id", help="The record's exp_id ({stage}_{combo}_{keyparams}_{run})."),
+    combo: str = typer.Option("teacher", "--combo", help="The record's combo field (teacher, K, Q, P, KQ, PK, PKQ, ...)."),
+    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs for the latency percentiles (after 3 warm-up pairs)."),
+    rate: float = typer.Option(6.88, "--rate", min=0.0, help="Device price in USD per hour for the cost figure."),
+) -> None:
+    """Measure a model on the frozen workload with the protocol's one evaluation function: quality
+    (absrel, rmse, delta1, chamfer), efficiency (p50/p95 pair latency, pairs/s, scene time), resources
+    (params, FLOPs, size, memory) and cost. Writes the record JSON and a row of result_table.csv."""
+    from pqk.pipeline.evaluate import EvalOptions, evaluate
+    from pqk.pipeline.record import upsert_row, write_json
+    from pqk.pipeline.workload import load_workload
+
+    workload = load_workload(workload_file)
+    dev = _resolve_device(device)
+    onnx_path = None
+    if model is not None and model.suffix == ".onnx":
+        if backend != Backend.onnxruntime:
+            raise InputError(f"--model {model} is an ONNX file: use --backend onnxruntime")
+        if not model.is_file():
+            raise InputError(f"--model {model} does not exist")
+        onnx_path, torch_model, artifact = model, None, model
+    else:
+        torch_model, artifact = _load_model(model, dev)
+    from pqk.pipeline.record import _check_writable
+
+    _check_writable(out_dir)
+    with err.status("evaluating") as status:
+        evaluation = evaluate(
+            torch_model, workload, backend=backend.value, device=dev, exp_id=exp, combo=combo,
+            artifact=artifact, onnx_path=onnx_path, options=EvalOptions(repeats=repeats, rate_usd_per_h=rate),
+            progress=lambda msg: status.update(f"evaluating: {msg}"),
+        )
+    name = "teacher_eval.json" if exp.startswith("P0_") else f"{exp}_eval.json"
+    payload = evaluation.to_json()
+    payload["details"]["model"] = str(artifact)
+    payload["details"]["workload_file"] = str(workload_file)
+    json_path = write_json(out_dir / name, payload)
+    csv_path = upsert_row(out_dir / "result_table.csv", evaluation.record)
+    _print_record(evaluation.record, evaluation.details)
+    out.print(f"wrote {json_path} and a row of {csv_path}")
+
+
+# --- pqk teacher train ----------------------------------------------------------------------
+
+
+@teacher_app.command(
+    "train",
+    epilog="Example (a 2-minute smoke run): pqk teacher train --budget 0.02 --out runs/teacher-smoke",
+)
+def teacher_train(
+    out_dir: Path = typer.Option(Path("runs/teacher"), "--out", "-o", help="Folder for last.pth (resumable), teacher.safetensors and teacher_recipe.json."),
+    budget: float = typer.Option(1.0, "--budget", min=0.001, help="Multiplies every stage's steps and scene count (1.0 = the recipe of the bundled teacher)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing last.pth in --out and start over."),
+) -> None:
+    """Train the small DUSt3R teacher on procedurally generated scenes (128x96, then 256x192, then 512x384),
+    with DUSt3R's confidence-weighted regression loss. Resumes from --out/last.pth after an interruption."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from pqk.train.teacher import TeacherRecipe, train_teacher
+
+    recipe = TeacherRecipe().scaled(budget) if budget != 1.0 else TeacherRecipe()
+    state = out_dir / "last.pth"
+    if fresh and state.exists():
+        state.unlink()
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err) as progress:
+        task = progress.add_task("train", total=sum(s.steps for s in recipe.stages), info="")
+
+        def on_step(done: int, total: int, logs: dict) -> None:
+            progress.update(task, completed=done, info=f"loss {logs['loss']:.3f} lr {logs['lr']:.1e}")
+
+        _, record = train_teacher(recipe, out_dir, log=progress.console.print, on_step=on_step)
+    record["command"] = " ".join(["pqk", "teacher", "train", *sys.argv[3:]]) if len(sys.argv) > 3 else "pqk teacher train"
+    (out_dir / "teacher_recipe.json").write_text(json.dumps(record, indent=1))
+    out.print(f"teacher -> {out_dir / 'teacher.safetensors'} ({time.perf_counter() - start:.0f}s); final validation: {record['final_val']}")
 
 
 def main() -> None:

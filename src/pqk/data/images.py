@@ -96,10 +96,13 @@ def normalize(img: PIL.Image.Image) -> torch.Tensor:
     Same operations and order as torchvision's ToTensor + Normalize(0.5, 0.5),
     so values are bit-identical to upstream.
     """
-    array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 255.0
-    x = (x - 0.5) / 0.5
-    return x.unsqueeze(0).contiguous()
+    return normalize_array(np.asarray(img.convert("RGB"), dtype=np.uint8)).unsqueeze(0).contiguous()
+
+
+def normalize_array(array: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> float32 tensor (3, H, W) in [-1, 1], as `normalize`."""
+    x = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(torch.float32) / 255.0
+    return (x - 0.5) / 0.5
 
 
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,140 @@
+"""The record: one row per experiment with the protocol's 25 fields, a JSON per experiment,
+and `result_table.csv` over all of them (../shared/design/protocol.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from pqk.errors import InputError
+
+
+@dataclass
+class Record:
+    """Exactly the protocol's fields, in its order. None = not applicable (empty cell)."""
+
+    exp_id: str
+    combo: str
+    rho: float | None = None
+    T: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    bits_w: int | None = 32
+    bits_a: int | None = 32
+    keep_list: str = ""
+    params_M: float | None = None
+    flops_G: float | None = None
+    size_MB: float | None = None
+    vram_GB: float | None = None
+    chamfer: float | None = None
+    absrel: float | None = None
+    rmse: float | None = None
+    delta1: float | None = None
+    t_pair_p50_ms: float | None = None
+    t_pair_p95_ms: float | None = None
+    t_scene_s: float | None = None
+    pairs_per_sec: float | None = None
+    gpu_hours: float | None = None
+    notes: str = ""
+    seed: int = 42
+    datetime: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        return {k: ("" if v is None else v) for k, v in asdict(self).items()}
+
+
+RECORD_FIELDS = [f.name for f in fields(Record)]
+QUALITY_FIELDS = ("chamfer", "absrel", "rmse", "delta1")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def exp_id(stage: str, combo: str, keyparams: str = "", run: int = 1) -> str:
+    """`{stage}_{combo}_{keyparams}_{run}`, e.g. K_T3B05_sched_run1; empty parts are dropped."""
+    parts = [p for p in (stage, combo, keyparams) if p]
+    return "_".join(parts + [f"run{run}"])
+
+
+def nan_fields(record: Record) -> list[str]:
+    """Fields holding NaN or infinity (a failed gate, not a crash)."""
+    return [k for k, v in asdict(record).items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path = Path(path)
+    _check_writable(path.parent)
+    _atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output folder {folder} cannot be created ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder {folder} is not writable")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside the table, so concurrent writers never lose a row."""
+    lock = path.with_name(f".{path.name}.lock")
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def upsert_row(path: Path, record: Record) -> Path:
+    """Add the record to the CSV (replacing a row with the same exp_id), atomically:
+    write-then-rename under a lock, so a crash never leaves half a table."""
+    path = Path(path)
+    _check_writable(path.parent)
+    with _locked(path):
+        rows = [r for r in read_table(path) if r.get("exp_id") != record.exp_id]
+        rows.append({k: str(v) for k, v in record.as_row().items()})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write_text(path, buffer.getvalue())
+    return path

@@ -1,0 +1,159 @@
+"""The frozen workload of the protocol (P0-1): resolution 512, batch 1, pair graph swin-4
+symmetrized, seed 42, a fixed sample of 20 pairs, the scenes for scene-level figures, and
+a content hash of the data so every experiment is measured on exactly the same inputs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pqk.data.pairs import make_pair_indices
+from pqk.errors import InputError
+
+WORKLOAD_VERSION = 1
+MOTORCYCLE = "middlebury-motorcycle"
+
+
+@dataclass
+class Workload:
+    resolution: int = 512
+    batch_size: int = 1
+    scene_graph: str = "swin-4"
+    symmetrize: bool = True
+    seed: int = 42
+    n_pairs: int = 20
+    # Where the scenes come from: {"kind": "generated", "seeds": [...], "views": 8, "width": 512,
+    # "height": 384} or {"kind": "folder", "path": "/data/scenes"}.
+    data: dict = field(default_factory=dict)
+    # The frozen sample: [scene name, view1 index, view2 index].
+    pairs: list = field(default_factory=list)
+    scene_level: list = field(default_factory=list)
+    # Real-photograph check, reported beside the main figures: pairs of the motorcycle scene.
+    real_pairs: list = field(default_factory=list)
+    data_hash: str = ""
+    # Global alignment for the scene-level figures (t_scene_s, chamfer), DUSt3R's README values.
+    ga_niter: int = 300
+    ga_lr: float = 0.01
+    ga_schedule: str = "cosine"
+    # Pointmaps are subsampled by this stride before global alignment: at full 512x384 the
+    # optimisation costs minutes per scene on a CPU; the same stride is used for every experiment.
+    ga_stride: int = 4
+    version: int = WORKLOAD_VERSION
+
+
+def scene_hash(scenes: list) -> str:
+    """sha256 over every array that enters evaluation, in scene and view order."""
+    h = hashlib.sha256()
+    for scene in scenes:
+        h.update(scene.name.encode())
+        for view in scene.views:
+            for array in (view.img, view.depth, view.intrinsics, view.cam2world, view.valid):
+                a = np.ascontiguousarray(array)
+                h.update(str(a.dtype).encode() + str(a.shape).encode())
+                h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _build_scenes(data: dict, resolution: int) -> list:
+    kind = data.get("kind")
+    if kind == "generated":
+        from pqk.data.scenes import generate_scene
+
+        return [generate_scene(s, n_views=data["views"], width=data["width"], height=data["height"]) for s in data["seeds"]]
+    if kind == "folder":
+        from pqk.data.folder import load_folder_scenes
+
+        return load_folder_scenes(Path(data["path"]), size=resolution)
+    raise InputError(f"workload data kind {kind!r} is not known; accepted: generated, folder")
+
+
+def load_scenes(workload: Workload, check_hash: bool = True) -> dict[str, object]:
+    """The workload's scenes by name (motorcycle included when used), hash-checked."""
+    scenes = _build_scenes(workload.data, workload.resolution)
+    if check_hash and scene_hash(scenes) != workload.data_hash:
+        raise InputError(
+            "the workload's data hash does not match the data found "
+            f"({workload.data.get('kind')}: {workload.data.get('path', 'generated scenes')}); the data changed since "
+            "`pqk workload make` froze it: remake the workload or restore the data"
+        )
+    by_name = {s.name: s for s in scenes}
+    if workload.real_pairs:
+        from pqk.data.motorcycle import motorcycle_scene
+
+        by_name[MOTORCYCLE] = motorcycle_scene(workload.resolution)
+    return by_name
+
+
+def make_workload(
+    data: Path | None = None,
+    n_pairs: int = 20,
+    n_scenes: int = 5,
+    views: int = 8,
+    scene_level: int = 1,
+    seed: int = 42,
+    resolution: int = 512,
+    scene_graph: str = "swin-4",
+    real_check: bool = True,
+) -> Workload:
+    """Freeze a workload: the default is generated scenes (seeds seed..seed+n_scenes-1, disjoint
+    from the teacher's training seeds) plus the motorcycle pair; `data` uses a user folder."""
+    if data is None:
+        spec = {"kind": "generated", "seeds": [seed + k for k in range(n_scenes)], "views": views,
+                "width": resolution, "height": resolution * 3 // 4}
+    else:
+        spec = {"kind": "folder", "path": str(Path(data).resolve())}
+    scenes = _build_scenes(spec, resolution)
+    if not scenes:
+        raise InputError(f"no scenes found for the workload in {data}")
+    candidates = [
+        [scene.name, i, j]
+        for scene in scenes
+        for i, j in make_pair_indices(len(scene.views), scene_graph, symmetrize=True)
+        if scene.views[i].valid.any()
+    ]
+    if len(candidates) < n_pairs:
+        raise InputError(f"the data gives only {len(candidates)} pairs with ground truth; the workload needs {n_pairs}")
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(len(candidates), size=n_pairs, replace=False).tolist())
+    return Workload(
+        resolution=resolution,
+        scene_graph=scene_graph,
+        seed=seed,
+        n_pairs=n_pairs,
+        data=spec,
+        pairs=[candidates[k] for k in picks],
+        scene_level=[s.name for s in scenes[:scene_level]],
+        real_pairs=[[MOTORCYCLE, 0, 1], [MOTORCYCLE, 1, 0]] if real_check else [],
+        data_hash=scene_hash(scenes),
+    )
+
+
+def save_workload(workload: Workload, path: Path) -> Path:
+    from pqk.pipeline.record import _atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# pqk workload: frozen by `pqk workload make`; every experiment is measured on exactly this.\n"
+    _atomic_write_text(path, header + yaml.safe_dump(asdict(workload), sort_keys=False, default_flow_style=None))
+    return path
+
+
+def load_workload(path: Path) -> Workload:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"workload {path} does not exist; create one with `pqk workload make --out {path}`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"workload {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or "pairs" not in raw or "data_hash" not in raw:
+        raise InputError(f"{path} is not a pqk workload (no pairs / data_hash)")
+    known = set(Workload.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InputError(f"workload {path} has unknown field {unknown[0]!r}")
+    return Workload(**raw)
