@@ -125,3 +125,40 @@ def test_export_onnx_command_checks_itself(tmp_path, tiny_ckpt):
     bad = run_cli("export", "onnx", "-c", str(tiny_ckpt), "--height", "70", "--out", str(tmp_path / "b.onnx"))
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "70" in bad.stderr
     assert not (tmp_path / "b.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def small_workload(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wl") / "workload.yaml"
+    res = run_cli("workload", "make", "--out", str(path), "--pairs", "3", "--scenes", "1", "--scene-level", "0")
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def test_eval_writes_record_json_and_csv(tmp_path, small_workload, tiny_ckpt):
+    out = tmp_path / "eval"
+    res = run_cli("eval", "--model", str(tiny_ckpt), "--workload", str(small_workload), "--out", str(out), "--repeats", "5")
+    assert res.returncode == 0, res.stderr
+    payload = json.loads((out / "teacher_eval.json").read_text())
+    record = payload["record"]
+    for key in ("absrel", "rmse", "delta1", "t_pair_p50_ms", "t_pair_p95_ms", "pairs_per_sec", "params_M", "flops_G", "size_MB", "gpu_hours"):
+        assert record[key] != "" and np.isfinite(record[key]), key
+    assert payload["details"]["real_check_motorcycle"]["n_views"] == 2
+    rows = (out / "result_table.csv").read_text().splitlines()
+    assert rows[0].startswith("exp_id,combo,rho,T,beta,gamma") and len(rows) == 2
+    assert "absrel" in res.stdout
+
+
+def test_eval_refuses_changed_data_and_bad_model(tmp_path, small_workload):
+    import yaml
+
+    raw = yaml.safe_load(small_workload.read_text())
+    raw["data"]["seeds"] = [7]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    res = run_cli("eval", "--workload", str(changed), "--out", str(tmp_path / "o1"))
+    assert res.returncode == 2 and "data hash does not match" in res.stderr
+    (tmp_path / "m.pth").write_bytes(b"not a model")
+    res = run_cli("eval", "--model", str(tmp_path / "m.pth"), "--workload", str(small_workload), "--out", str(tmp_path / "o2"))
+    assert res.returncode == 2 and res.stderr.startswith("error:")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

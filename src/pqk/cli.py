@@ -369,13 +369,15 @@ def eval_cmd(
     else:
         torch_model, artifact = _load_model(model, dev)
     from pqk.pipeline.record import _check_writable
+    from pqk.pipeline.workload import load_scenes
 
+    scenes = load_scenes(workload)  # the data hash is checked before anything is written
     _check_writable(out_dir)
     with err.status("evaluating") as status:
         evaluation = evaluate(
             torch_model, workload, backend=backend.value, device=dev, exp_id=exp, combo=combo,
             artifact=artifact, onnx_path=onnx_path, options=EvalOptions(repeats=repeats, rate_usd_per_h=rate),
-            progress=lambda msg: status.update(f"evaluating: {msg}"),
+            progress=lambda msg: status.update(f"evaluating: {msg}"), scenes=scenes,
         )
     name = "teacher_eval.json" if exp.startswith("P0_") else f"{exp}_eval.json"
     payload = evaluation.to_json()

@@ -186,6 +186,11 @@ def _scene_level(runner, scene, workload: Workload) -> dict:
             "pred2": {k: v[0, ::s, ::s].float().cpu() for k, v in res2.items()},
         })
     t_pairs = time.perf_counter() - start
+    if not all(torch.isfinite(r[v][k]).all() for r in results for v in ("pred1", "pred2") for k in r[v]):
+        nan = float("nan")
+        return {"scene": scene.name, "n_pairs": len(indices), "t_pairs_s": t_pairs, "t_scene_s": nan,
+                "ga_final_loss": nan, "accuracy": nan, "completeness": nan, "chamfer": nan,
+                "note": "non-finite predictions: no global alignment"}
     aligned = global_alignment(results, n_images=n, niter=workload.ga_niter, lr=workload.ga_lr,
                                schedule=workload.ga_schedule, seed=workload.seed)
     t_scene = time.perf_counter() - start
@@ -227,17 +232,19 @@ def evaluate(
     steps_device_hours: float = 0.0,
     options: EvalOptions | None = None,
     progress: Callable[[str], None] | None = None,
+    scenes: dict | None = None,
 ) -> Evaluation:
     """Measure a model on the workload and fill its record (quality, efficiency, resources, cost).
 
     `model` is a DUSt3R module (None when only an `onnx_path` is evaluated); `artifact` the
     saved file whose size is reported; `method_fields` the method's slice of the record
     (rho, T, beta, gamma, bits_w, bits_a, keep_list); `steps_device_hours` the device time the
-    experiment's steps spent before this evaluation."""
+    experiment's steps spent before this evaluation; `scenes` the workload's scenes when the
+    caller already loaded (and hash-checked) them."""
     options = options or EvalOptions()
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
-    scenes = load_scenes(workload)
+    scenes = scenes if scenes is not None else load_scenes(workload)
     runner = _runner(model, backend, device, onnx_path, options.threads)
     notes: list[str] = []
     skipped: list[str] = []
