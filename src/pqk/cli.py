@@ -368,11 +368,11 @@ def eval_cmd(
         onnx_path, torch_model, artifact = model, None, model
     else:
         torch_model, artifact = _load_model(model, dev)
-    from pqk.pipeline.record import _check_writable
+    from pqk.pipeline.record import ensure_writable_dir
     from pqk.pipeline.workload import load_scenes
 
     scenes = load_scenes(workload)  # the data hash is checked before anything is written
-    _check_writable(out_dir)
+    ensure_writable_dir(out_dir)
     with err.status("evaluating") as status:
         evaluation = evaluate(
             torch_model, workload, backend=backend.value, device=dev, exp_id=exp, combo=combo,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
@@ -48,5 +47,3 @@ def cuda_peak_gigabytes(device: str | torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def cpu_count_used() -> int:
-    return torch.get_num_threads() or os.cpu_count() or 1

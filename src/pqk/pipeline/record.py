@@ -71,7 +71,7 @@ def nan_fields(record: Record) -> list[str]:
     return [k for k, v in asdict(record).items() if isinstance(v, float) and not math.isfinite(v)]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
         f.write(text)
@@ -82,8 +82,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, payload: dict) -> Path:
     path = Path(path)
-    _check_writable(path.parent)
-    _atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
+    ensure_writable_dir(path.parent)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
     return path
 
 
@@ -95,7 +95,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def _check_writable(folder: Path) -> None:
+def ensure_writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -128,7 +128,7 @@ def upsert_row(path: Path, record: Record) -> Path:
     """Add the record to the CSV (replacing a row with the same exp_id), atomically:
     write-then-rename under a lock, so a crash never leaves half a table."""
     path = Path(path)
-    _check_writable(path.parent)
+    ensure_writable_dir(path.parent)
     with _locked(path):
         rows = [r for r in read_table(path) if r.get("exp_id") != record.exp_id]
         rows.append({k: str(v) for k, v in record.as_row().items()})
@@ -136,5 +136,5 @@ def upsert_row(path: Path, record: Record) -> Path:
         writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write_text(path, buffer.getvalue())
+        atomic_write_text(path, buffer.getvalue())
     return path

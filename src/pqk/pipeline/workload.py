@@ -133,12 +133,12 @@ def make_workload(
 
 
 def save_workload(workload: Workload, path: Path) -> Path:
-    from pqk.pipeline.record import _atomic_write_text
+    from pqk.pipeline.record import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# pqk workload: frozen by `pqk workload make`; every experiment is measured on exactly this.\n"
-    _atomic_write_text(path, header + yaml.safe_dump(asdict(workload), sort_keys=False, default_flow_style=None))
+    atomic_write_text(path, header + yaml.safe_dump(asdict(workload), sort_keys=False, default_flow_style=None))
     return path
 
 
