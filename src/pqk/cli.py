@@ -324,8 +324,9 @@ def _print_record(record, details) -> None:
     real = details.get("real_check_motorcycle")
     if real:
         table.add_row("real check", "motorcycle absrel / delta1", f"{real['absrel']:.4f} / {real['delta1']:.4f}")
-    for name, base in details["baselines"].items():
-        table.add_row("baseline", f"{name} absrel / delta1", f"{base['absrel']:.4f} / {base['delta1']:.4f}")
+    for group, key in (("baseline", "baselines"), ("real baseline", "baselines_motorcycle")):
+        for name, base in (details.get(key) or {}).items():
+            table.add_row(group, f"{name} absrel / delta1", f"{base['absrel']:.4f} / {base['delta1']:.4f}")
     out.print(table)
     if record.notes:
         out.print(f"notes: {record.notes}")

@@ -304,6 +304,7 @@ def evaluate(
         "quality": quality,
         "real_check_motorcycle": real,
         "baselines": depth_baselines(scenes, workload.pairs),
+        "baselines_motorcycle": depth_baselines(scenes, workload.real_pairs) if workload.real_pairs else None,
         "scene_level": scene_figures,
         "chamfer": {"accuracy": mean_of("accuracy"), "completeness": mean_of("completeness"), "chamfer": mean_of("chamfer")},
         "latency": latency,
