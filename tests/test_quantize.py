@@ -87,7 +87,7 @@ def test_bad_spec_is_a_config_error(tmp_path: Path, text: str, match: str) -> No
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="does not exist"):
         load_quant_spec(tmp_path / "nope.yaml")
 
 

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch.nn as nn
-import yaml
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -56,6 +55,7 @@ from pqk.backends.onnx_export import (
 from pqk.data.images import normalize_array
 from pqk.data.scenes import generate_scene
 from pqk.errors import ConfigError, InputError
+from pqk.yaml_io import read_yaml
 
 # --- the spec -------------------------------------------------------------------------------
 
@@ -213,14 +213,7 @@ def _reject_unknown_keys(what: str, data: Mapping[str, Any], known: set[str]) ->
 
 def load_quant_spec(path: str | os.PathLike[str]) -> QuantSpec:
     """Read and validate a quantization spec (configs/quant.yaml); missing keys take defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"quantization config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML ({first})") from exc
+    data = read_yaml(Path(path), "quantization config", invalid=ConfigError)
     return QuantSpec.from_dict({} if data is None else data)
 
 

@@ -143,13 +143,10 @@ def save_workload(workload: Workload, path: Path) -> Path:
 
 
 def load_workload(path: Path) -> Workload:
+    from pqk.yaml_io import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"workload {path} does not exist; create one with `pqk workload make --out {path}`")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"workload {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml(path, "workload", hint=f"create one with `pqk workload make --out {path}`")
     if not isinstance(raw, dict) or "pairs" not in raw or "data_hash" not in raw:
         raise InputError(f"{path} is not a pqk workload (no pairs / data_hash)")
     known = set(Workload.__dataclass_fields__)
