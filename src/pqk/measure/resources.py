@@ -10,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def params_millions(model: torch.nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6
+    from pqk.models.dust3r import count_parameters
+
+    return count_parameters(model) / 1e6
 
 
 @torch.no_grad()

@@ -202,7 +202,7 @@ def _scene_level(runner, scene, workload: Workload) -> dict:
             "ga_final_loss": aligned.final_loss, **cd}
 
 
-def _resources(model, runner, first_pair: tuple, artifact: Path | None, device: str) -> dict:
+def _resources(model, first_pair: tuple, artifact: Path | None, device: str) -> dict:
     out = {"params_M": None, "flops_G": None, "size_MB": None}
     if model is not None:
         out["params_M"] = params_millions(model)
@@ -274,7 +274,7 @@ def evaluate(
         scene_figures.append(_scene_level(runner, scenes[name], workload))
 
     say("resources")
-    resources = _resources(model, runner, timed[0], artifact if artifact is None else Path(artifact), device)
+    resources = _resources(model, timed[0], None if artifact is None else Path(artifact), device)
     eval_hours = (time.perf_counter() - start) / 3600.0
     device_hours = steps_device_hours + eval_hours
     vram = cuda_peak_gigabytes(device)

@@ -19,8 +19,6 @@ from pqk.errors import ConfigError
 OFFICIAL_CLASS_NAME = "AsymmetricCroCo3DStereo"
 PATCH_EMBED_CLASSES = ("PatchEmbedDust3R", "ManyAR_PatchEmbed")
 HEAD_TYPES = ("linear", "dpt")
-# Accepted for compatibility, no effect on an inference network.
-IGNORED_KWARGS = ("mask_ratio", "freeze")
 # Keys of `block_widths` (a pruned model's per-block widths; heads keep the original head dim).
 BLOCK_WIDTH_KEYS = (
     "enc_heads", "enc_mlp_hidden",
