@@ -164,3 +164,24 @@ def test_speed_512x384() -> None:
     start = time.perf_counter()
     generate_scene(21, n_views=8, width=512, height=384)
     assert time.perf_counter() - start < 2.0
+
+
+def test_stereo_rig_is_a_rectified_slider_over_the_same_room() -> None:
+    orbit = generate_scene(5, n_views=4, width=64, height=48)
+    stereo = generate_scene(5, n_views=4, width=64, height=48, rig="stereo")
+    assert stereo.name == "gen-stereo-00005" and orbit.name == "gen-00005"
+    poses = [v.cam2world.astype(np.float64) for v in stereo.views]
+    steps = []
+    for a, b in zip(poses, poses[1:]):
+        assert np.allclose(a[:3, :3], b[:3, :3])  # same orientation: rectified
+        move = a[:3, :3].T @ (b[:3, 3] - a[:3, 3])  # in camera coordinates
+        assert abs(move[1]) < 1e-5 and abs(move[2]) < 1e-5 and move[0] > 0  # pure sideways
+        steps.append(move[0])
+    assert np.allclose(steps, steps[0], atol=1e-5) and 0.05 <= steps[0] <= 0.15
+    # The middle of the rig is the first arc view (same room, same objects).
+    centre = (poses[1][:3, 3] + poses[2][:3, 3]) / 2
+    assert np.allclose(centre, orbit.views[0].cam2world[:3, 3], atol=1e-5)
+    # The arc scene of a seed does not depend on whether a stereo scene was drawn.
+    assert np.array_equal(generate_scene(5, n_views=4, width=64, height=48).views[2].img, orbit.views[2].img)
+    with pytest.raises(InputError, match="unknown camera rig"):
+        generate_scene(5, rig="dolly")

@@ -390,6 +390,330 @@ def eval_cmd(
     out.print(f"wrote {json_path} and a row of {csv_path}")
 
 
+# --- pqk quantize ---------------------------------------------------------------------------
+
+
+def _split_list(value: str, what: str, accepted: tuple[str, ...]) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in accepted]
+    if bad or not items:
+        raise InputError(f"{what} {bad[0] if bad else value!r} is not known; accepted: {', '.join(accepted)} (comma-separated)")
+    return items
+
+
+@app.command(
+    "quantize",
+    epilog="Example (embedded teacher, 64 calibration pairs, ~5 min): "
+    "pqk quantize --workload configs/workload.yaml --budget 0.125 --out runs/quant",
+)
+def quantize_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The FP32 DUSt3R to quantize (default: the bundled teacher)."),
+    config: Path = typer.Option(Path("configs/quant.yaml"), "--config", "-c", help="The quantization spec (bits, keep-list, calibration)."),
+    workload_file: Path = typer.Option(Path("configs/workload.yaml"), "--workload", "-w", help="The frozen workload (pqk workload make)."),
+    out_dir: Path = typer.Option(Path("runs/quant"), "--out", "-o", help="Folder for model_fp32.onnx, ptq_int8.onnx, the eval JSONs and result_table.csv."),
+    runtimes: str = typer.Option("onednn,onnxruntime", "--runtimes", help="INT8 runtimes to evaluate, comma-separated: onednn (PyTorch oneDNN INT8 + bf16 attention), onnxruntime (the QDQ file in ONNX Runtime)."),
+    budget: float = typer.Option(1.0, "--budget", min=0.001, max=1.0, help="Scales the calibration set down (1.0 = the spec's size)."),
+    combo: str = typer.Option("Q", "--combo", help="Record combo: Q (gate P2 vs the teacher) or KQ/PKQ (gate P3 vs this model in FP32)."),
+    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs per evaluation."),
+) -> None:
+    """Quantize a DUSt3R to W8A8 (protocol stage P2): calibrate on the one calibration set, write the
+    QDQ file ptq_int8.onnx (int8 per-channel weights, keep-list in float), then measure that model on
+    each INT8 runtime with the one evaluation function, time every runtime side by side (eager FP32
+    and bf16, ONNX Runtime FP32 and INT8, oneDNN INT8) and apply the gate."""
+    from pqk.methods.quantize import load_quant_spec
+    from pqk.methods.quantize_step import RUNTIME_LATENCY_KEY, RUNTIMES, QuantRun, ptq
+    from pqk.pipeline.evaluate import EvalOptions, evaluate
+    from pqk.pipeline.experiment import measure_step, teacher_reference, write_evaluation
+    from pqk.pipeline.record import ensure_writable_dir
+    from pqk.pipeline.step import StepContext
+    from pqk.pipeline.workload import load_scenes, load_workload
+
+    chosen = _split_list(runtimes, "--runtimes value", RUNTIMES)
+    spec = load_quant_spec(config)
+    workload = load_workload(workload_file)
+    float_model, artifact = _load_model(model, "cpu")
+    scenes = load_scenes(workload)
+    ensure_writable_dir(out_dir)
+    options = EvalOptions(repeats=repeats)
+    ctx = StepContext(teacher=float_model, workload=workload, out_dir=out_dir, budget=budget, log=err.print)
+    with err.status("quantizing") as status:
+        ctx.log = lambda msg: status.update(f"quantizing: {msg}")
+        progress = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
+        if combo == "Q":
+            stage, reference = "P2", teacher_reference(float_model, ctx, artifact=artifact, options=options, scenes=scenes, progress=progress)
+        else:
+            stage = "P3"
+            fp32 = evaluate(float_model, workload, exp_id=f"{combo}_FP32_run1", combo=combo, artifact=artifact,
+                            options=options, progress=progress, scenes=scenes)
+            write_evaluation(fp32, out_dir)
+            reference = fp32.record
+        outcome = ptq(float_model, ctx, spec, QuantRun(runtimes=chosen))
+        side = outcome.details["latency_side_by_side"]["variants"]
+        written = []
+        for runtime in chosen:
+            if runtime not in outcome.runtimes():
+                err.print(f"runtime {runtime} is not available here; skipped")
+                continue
+            key = RUNTIME_LATENCY_KEY[runtime]
+            cut = 1.0 - 1.0 / side[key]["speedup"] if key in side else None
+            tag = "ort" if runtime == "onnxruntime" else runtime
+            evaluation, _ = measure_step(
+                outcome.step_result(runtime), ctx, exp_id=f"{combo}_PTQ_{tag}_run1", combo=combo, stage=stage,
+                reference=reference, options=options, scenes=scenes, progress=progress, latency_cut=cut,
+            )
+            paths = write_evaluation(evaluation, out_dir)
+            written.append((evaluation, paths))
+    for evaluation, _ in written:
+        _print_record(evaluation.record, evaluation.details)
+    _print_side_by_side(outcome.details["latency_side_by_side"])
+    if written:
+        # quant_eval.json: the protocol's name for the Q record, the first runtime asked for.
+        first = written[0][0]
+        write_evaluation(first, out_dir, "quant_eval.json" if combo == "Q" else "kq_eval.json")
+        out.print(f"wrote {out_dir / 'ptq_int8.onnx'}, {len(written)} eval JSON(s) and rows of {out_dir / 'result_table.csv'}")
+
+
+def _print_side_by_side(latency: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"pair latency side by side ({latency['rounds']} interleaved rounds, {latency['threads']} threads, "
+                  f"{latency['shape'][1]}x{latency['shape'][0]})")
+    for col in ("runtime", "p50 ms", "p95 ms", "vs eager fp32"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for name, v in latency["variants"].items():
+        table.add_row(name, f"{v['p50_ms']:.1f}", f"{v['p95_ms']:.1f}", f"{v.get('speedup', float('nan')):.2f}x")
+    out.print(table)
+
+
+# --- pqk prune ------------------------------------------------------------------------------
+
+
+def _parse_rhos(value: str) -> list[float]:
+    from pqk.methods.prune import check_rho
+
+    rhos = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        try:
+            number = float(item)
+        except ValueError:
+            raise InputError(f"--rho value {item!r} is not a number; accepted: fractions in (0, 1), comma-separated (e.g. 0.1,0.3)") from None
+        rhos.append(check_rho(number))
+    if not rhos:
+        raise InputError(f"--rho {value!r} names no value; accepted: fractions in (0, 1), comma-separated (e.g. 0.1,0.3)")
+    return rhos
+
+
+@app.command(
+    "prune",
+    epilog="Example (embedded teacher, short fine-tuning): pqk prune --budget 0.1 --out runs/prune",
+)
+def prune_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The DUSt3R to prune (default: the bundled teacher)."),
+    config: Path = typer.Option(Path("configs/prune.yaml"), "--config", "-c", help="The pruning spec (importance, sensitivity, calibration, fine-tuning)."),
+    workload_file: Path = typer.Option(Path("configs/workload.yaml"), "--workload", "-w", help="The frozen workload (pqk workload make)."),
+    out_dir: Path = typer.Option(Path("runs/prune"), "--out", "-o", help="Folder for pruned_rXXX.pth, sensitivity.json/png, the eval JSONs, prune_eval.json and result_table.csv."),
+    budget: float = typer.Option(1.0, "--budget", min=0.001, help="Multiplies the fine-tuning epochs (1.0 = the spec's 12)."),
+    rho: str = typer.Option("0.1,0.3", "--rho", help="Shares of the prunable parameters to remove, comma-separated; one pruned model each."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="sensitivity or uniform (default: the spec's)."),
+    importance: Optional[str] = typer.Option(None, "--importance", help="l1 or taylor (default: the spec's)."),
+    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs per evaluation."),
+    onnx_check: bool = typer.Option(True, "--onnx-check/--no-onnx-check", help="Export each pruned model to ONNX (pruned_rXXX.onnx) and compare ONNX Runtime with PyTorch."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue fine-tuning from <out>/finetune_*/last.pth when present."),
+) -> None:
+    """Prune attention heads and FFN channels (protocol stage P4, P-only) with a dependency graph
+    (Torch-Pruning), allocate per-block ratios by measured sensitivity (or uniformly), fine-tune with
+    the task loss, and measure each pruned model with the one evaluation function against the
+    teacher; the P4 gate (quality drop <= 3%, params/size down >= 25%) is recorded, never raised."""
+    import dataclasses
+
+    from pqk.methods.prune import (
+        ALLOCATIONS, IMPORTANCES, artifact_name, calibration_examples, check_choice, load_prune_spec,
+        prune_step, rho_tag, sensitivity_table,
+    )
+    from pqk.pipeline.evaluate import EvalOptions
+    from pqk.pipeline.experiment import measure_step, teacher_reference, write_evaluation
+    from pqk.pipeline.record import ensure_writable_dir, write_json
+    from pqk.pipeline.step import StepContext
+    from pqk.pipeline.workload import load_scenes, load_workload
+
+    rhos = _parse_rhos(rho)
+    spec = load_prune_spec(config)
+    overrides = {"allocation": check_choice("--allocation", allocation, ALLOCATIONS) if allocation else spec.allocation,
+                 "importance": check_choice("--importance", importance, IMPORTANCES) if importance else spec.importance}
+    specs = [dataclasses.replace(spec, rho=r, **overrides) for r in rhos]  # each validated on construction
+    workload = load_workload(workload_file)
+    base_model, artifact = _load_model(model, "cpu")
+    scenes = load_scenes(workload)  # the data hash is checked before anything is written
+    ensure_writable_dir(out_dir)
+    options = EvalOptions(repeats=repeats)
+    start = time.perf_counter()
+    summary_path = out_dir / "prune_eval.json"
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except json.JSONDecodeError:
+        summary = {}
+    settings = summary.get("settings", {})
+    rows = []
+    with err.status("pruning") as status:
+        ctx = StepContext(teacher=base_model, workload=workload, out_dir=out_dir, budget=budget, resume=resume,
+                          log=lambda msg: status.update(f"pruning: {msg}"))
+        progress = lambda msg: status.update(f"evaluating: {msg}")  # noqa: E731
+        reference = teacher_reference(base_model, ctx, artifact=artifact, options=options, scenes=scenes, progress=progress)
+        needs_calib = specs[0].allocation == "sensitivity" or specs[0].importance == "taylor"
+        calib = calibration_examples(specs[0].calibration, specs[0].seed) if needs_calib else None
+        table = sensitivity_table(base_model, specs[0], calib, out_dir, ctx.log) if specs[0].allocation == "sensitivity" else None
+        for s in specs:
+            tag = rho_tag(s.rho) + ("" if s.allocation == "sensitivity" else f"_{s.allocation}") + ("" if s.importance == "l1" else f"_{s.importance}")
+            exp = f"P_{tag}_run1"
+            ctx.log(f"{exp}: pruning")
+            step = prune_step(base_model, ctx, s, sensitivity=table, calib=calib)
+            evaluation, gate = measure_step(step, ctx, exp_id=exp, combo="P", stage="P4", reference=reference,
+                                            options=options, scenes=scenes, progress=progress)
+            rec = evaluation.record
+            if onnx_check:
+                status.update(f"pruning: {exp}: ONNX export and comparison")
+                onnx_file = (out_dir / artifact_name(s.rho, s.allocation)).with_suffix(".onnx")
+                evaluation.details["onnx_check"] = _prune_onnx_check(step.model, onnx_file, workload, scenes)
+            evaluation.details["vs_reference"] = {
+                key: (1.0 - getattr(rec, key) / getattr(reference, key))
+                if getattr(rec, key) is not None and getattr(reference, key) else None
+                for key in ("params_M", "flops_G", "size_MB", "t_pair_p50_ms")
+            }
+            json_path, _ = write_evaluation(evaluation, out_dir)
+            settings[exp] = {
+                "record": rec.as_row(), "gate": gate, "artifact": step.artifact.name, "eval_json": json_path.name,
+                "prune": {k: v for k, v in step.details["prune"].items() if k != "removed_per_unit"},
+                "finetune": step.details.get("finetune"), "vs_reference": evaluation.details["vs_reference"],
+                "onnx_check": evaluation.details.get("onnx_check"),
+            }
+            rows.append((rec, gate, evaluation.details["vs_reference"]))
+        summary = {"stage": "P4", "reference": reference.as_row(), "settings": settings,
+                   "sensitivity": "sensitivity.json" if table is not None or (out_dir / "sensitivity.json").is_file() else None}
+        write_json(summary_path, summary)
+    _print_prune_summary(reference, rows)
+    out.print(f"wrote {', '.join(artifact_name(s.rho, s.allocation) for s in specs)}, prune_eval.json and rows of "
+              f"{out_dir / 'result_table.csv'} in {out_dir} ({time.perf_counter() - start:.0f}s)")
+
+
+def _prune_onnx_check(model, onnx_path: Path, workload, scenes: dict) -> dict:
+    """Export at the workload's first pair shape and compare ONNX Runtime with PyTorch on it."""
+    from pqk.backends.onnx_export import compare_with_torch, export_onnx
+    from pqk.pipeline.evaluate import scene_view
+
+    name, i, j = workload.pairs[0]
+    v1, v2 = scene_view(scenes[name], i), scene_view(scenes[name], j)
+    h1, w1 = v1["img"].shape[-2:]
+    h2, w2 = v2["img"].shape[-2:]
+    export_onnx(model, onnx_path, int(h1), int(w1), height2=int(h2), width2=int(w2))
+    report = compare_with_torch(model, onnx_path, v1, v2)
+    return {"onnx": onnx_path.name, "pair": [name, i, j], "max_rel_l2": report["max_rel_l2"],
+            "matches": bool(report["max_rel_l2"] <= 1e-4)}
+
+
+def _print_prune_summary(reference, rows: list) -> None:
+    from rich.table import Table
+
+    table = Table(title="P4 pruning vs the teacher (torch eager fp32)")
+    for col in ("exp_id", "params M", "GFLOPs", "size MB", "p50 ms", "absrel", "δ1", "FLOPs cut", "p50 cut", "gate"):
+        table.add_column(col, justify="left" if col in ("exp_id", "gate") else "right")
+
+    def cells(rec) -> list[str]:
+        return [f"{rec.params_M:.3f}", f"{rec.flops_G:.2f}", f"{rec.size_MB:.2f}", f"{rec.t_pair_p50_ms:.0f}",
+                f"{rec.absrel:.4f}", f"{rec.delta1:.4f}"]
+
+    table.add_row(reference.exp_id, *cells(reference), "—", "—", "reference")
+    for rec, gate, cut in rows:
+        verdict = gate["verdict"] if gate else "—"
+        if gate and gate["reasons"]:
+            verdict += ": " + "; ".join(gate["reasons"])
+        table.add_row(rec.exp_id, *cells(rec), f"{cut['flops_G']:.0%}", f"{cut['t_pair_p50_ms']:.0%}", verdict)
+    out.print(table)
+
+
+# --- pqk distill ----------------------------------------------------------------------------
+
+
+@app.command(
+    "distill",
+    epilog="Example (embedded teacher, K-1 and its task-loss-only control, ~15 min on 2 CPU cores): "
+    "pqk distill --runs K-1,control --out runs/distill",
+)
+def distill_cmd(
+    teacher_file: Optional[Path] = typer.Option(None, "--teacher", "-t", help="The teacher DUSt3R (any layout pqk loads). Default: the bundled teacher."),
+    config: Path = typer.Option(Path("configs/distill.yaml"), "--config", "-c", help="The P1 grid: runs K-1..K-3, the control, K-4, training settings."),
+    workload_file: Path = typer.Option(Path("configs/workload.yaml"), "--workload", "-w", help="The frozen workload (pqk workload make)."),
+    out_dir: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for <exp_id>/ (student, checkpoints, distill_log.json), the eval JSONs, result_table.csv and student_fp32_best.safetensors."),
+    budget: Optional[float] = typer.Option(None, "--budget", min=0.001, help="Multiplies the epochs (1.0 = the protocol's 30). Default: the config's embedded_budget with the bundled teacher, else 1.0."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue each run from <out>/<exp_id>/last.pth; keep runs already measured."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="Runs and selections to do, comma-separated (e.g. K-1,control). Default: all of the config."),
+    device: Device = typer.Option(Device.cpu, "--device", help="Where training and evaluation run (under torchrun with cuda: one GPU per process)."),
+    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs per evaluation."),
+) -> None:
+    """Distil DUSt3R into a smaller student (protocol stage P1, K-only): depth, heads and FFN width
+    each cut ~30%, weights inherited from the teacher, trained with L = a*L_task + b*KL_T + g*feature;
+    each run is measured with the one evaluation function and gated against the teacher (quality
+    drop <= 1%; a failed gate is recorded, not raised). Runs under torchrun with DDP as well."""
+    from pqk.assets import default_checkpoint
+    from pqk.methods.distill import load_distill_config
+    from pqk.pipeline.distill_grid import parse_runs, run_distill_grid
+    from pqk.pipeline.evaluate import EvalOptions
+    from pqk.pipeline.record import ensure_writable_dir
+    from pqk.pipeline.workload import load_scenes, load_workload
+    from pqk.train.trainer import init_distributed
+
+    grid = load_distill_config(config)
+    names = parse_runs(runs, grid)
+    workload = load_workload(workload_file)
+    dev = _resolve_device(device)
+    bundled = teacher_file is None or teacher_file.resolve() == default_checkpoint()[0].resolve()
+    teacher, teacher_path = _load_model(teacher_file, dev)
+    budget = budget if budget is not None else (grid.embedded_budget if bundled else 1.0)
+    scenes = load_scenes(workload)  # the data hash is checked before anything is written
+    rank, world = init_distributed()
+    if dev == "cuda" and world > 1:
+        import torch
+
+        dev = f"cuda:{torch.cuda.current_device()}"
+    if rank == 0:
+        ensure_writable_dir(out_dir)
+    start = time.perf_counter()
+    # No spinner around this: training draws its own progress bar (one live display at a time).
+    outcome = run_distill_grid(
+        grid, names, teacher, Path(teacher_path), workload, scenes, out_dir, budget=budget, resume=resume,
+        device=dev, options=EvalOptions(repeats=repeats), log=err.print if rank == 0 else (lambda _m: None),
+        status=(lambda msg: err.print(f"  {msg}", style="dim")) if rank == 0 else None, rank=rank,
+    )
+    if outcome is None:
+        return
+    _print_distill_summary(outcome)
+    out.print(f"wrote {len(outcome.records) - len(outcome.reused)} record(s) to {out_dir / 'result_table.csv'} "
+              f"({time.perf_counter() - start:.0f}s, budget {budget:g})")
+
+
+def _print_distill_summary(outcome) -> None:
+    from rich.table import Table
+
+    table = Table(title="P1 distillation vs the teacher (torch eager fp32)")
+    for col in ("run", "exp_id", "params M", "GFLOPs", "p50 ms", "absrel", "δ1", "gate"):
+        table.add_column(col, justify="left" if col in ("run", "exp_id", "gate") else "right")
+
+    def cells(rec) -> list[str]:
+        def f(v, fmt):
+            return "—" if v is None else format(v, fmt)
+        return [f(rec.params_M, ".3f"), f(rec.flops_G, ".2f"), f(rec.t_pair_p50_ms, ".0f"), f(rec.absrel, ".4f"), f(rec.delta1, ".4f")]
+
+    table.add_row("teacher", outcome.teacher.exp_id, *cells(outcome.teacher), "reference")
+    for name, rec in outcome.records.items():
+        gate = outcome.gates.get(name) or {}
+        verdict = gate.get("verdict", "—") + (": " + "; ".join(gate["reasons"]) if gate.get("reasons") else "")
+        table.add_row(name, rec.exp_id, *cells(rec), verdict)
+    out.print(table)
+    for name, chosen in outcome.selected.items():
+        out.print(f"{name}: {chosen} -> student_fp32_best.safetensors")
+
+
 # --- pqk teacher train ----------------------------------------------------------------------
 
 

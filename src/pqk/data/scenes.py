@@ -26,7 +26,7 @@ resolution and the arrays are bit-identical from run to run.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -363,6 +363,30 @@ def _draw_layout(seed: int, n_views: int) -> _Layout:
     return _Layout(primitives, surfaces, light / np.linalg.norm(light), ambient, gain, poses, hfov)
 
 
+def _stereo_rig(seed: int, layout: _Layout) -> _Layout:
+    """The same scene seen by a rectified stereo/slider rig instead of the arc.
+
+    All views share the first arc view's orientation and sit on a line along its x axis
+    (centred on it, 5-15 cm apart), with a 35-65 degree field of view: the geometry of
+    real rectified pairs such as Middlebury's. Its draws come from a second generator, so
+    the arc scene of the same seed is untouched.
+    """
+    rng = np.random.default_rng([seed, 1])
+    hfov = float(np.deg2rad(rng.uniform(35.0, 65.0)))
+    spacing = float(rng.uniform(0.05, 0.15))
+    first = layout.poses[0].astype(np.float64)
+    n_views = len(layout.poses)
+    poses = []
+    for k in range(n_views):
+        pose = first.copy()
+        pose[:3, 3] += (k - (n_views - 1) / 2) * spacing * first[:3, 0]
+        poses.append(pose.astype(np.float32))
+    return replace(layout, poses=poses, hfov=hfov)
+
+
+RIGS = ("orbit", "stereo")
+
+
 def _intrinsics(hfov: float, width: int, height: int) -> np.ndarray:
     focal = (width / 2) / np.tan(hfov / 2)  # the image spans [-0.5, W - 0.5]
     K = np.array([[focal, 0, (width - 1) / 2], [0, focal, (height - 1) / 2], [0, 0, 1]])
@@ -607,13 +631,19 @@ def _check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def generate_scene(seed: int, n_views: int = 8, width: int = 512, height: int = 384) -> Scene:
+def generate_scene(
+    seed: int, n_views: int = 8, width: int = 512, height: int = 384, rig: str = "orbit"
+) -> Scene:
     """Render ``n_views`` views of the procedural scene named by ``seed``.
 
-    Cameras move along an arc around the scene centre (6-12 degrees apart,
-    sometimes dollying in), all looking at a jittered centre, with one
-    horizontal field of view of 50-70 degrees. Same seed, same arrays.
+    rig="orbit": cameras move along an arc around the scene centre (6-12
+    degrees apart, sometimes dollying in), all looking at a jittered centre,
+    with one horizontal field of view of 50-70 degrees. rig="stereo": the same
+    room and objects seen by a rectified slider rig (pure sideways
+    translation, see ``_stereo_rig``). Same seed and rig, same arrays.
     """
+    if rig not in RIGS:
+        raise InputError(f"unknown camera rig {rig!r}; expected one of {', '.join(RIGS)}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer (got {seed!r})")
     seed = int(seed)
@@ -621,9 +651,12 @@ def generate_scene(seed: int, n_views: int = 8, width: int = 512, height: int = 
     width = _check_positive_int("width", width)
     height = _check_positive_int("height", height)
     layout = _draw_layout(seed, n_views)
+    if rig == "stereo":
+        layout = _stereo_rig(seed, layout)
     K = _intrinsics(layout.hfov, width, height)
     views = [_render(layout, _Camera(K, pose), width, height) for pose in layout.poses]
-    return Scene(name=f"gen-{seed:05d}", seed=seed, views=views)
+    name = f"gen-{seed:05d}" if rig == "orbit" else f"gen-{rig}-{seed:05d}"
+    return Scene(name=name, seed=seed, views=views)
 
 
 def generate_scenes(seeds: Iterable[int], **kw: int) -> list[Scene]:

@@ -31,3 +31,29 @@ def time_calls(call: Callable[[int], object], n_inputs: int, warmup: int = 3, re
         "warmup": warmup,
         "samples_ms": [round(s, 3) for s in samples],
     }
+
+
+def interleaved_latency(calls: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2,
+                        reference: str | None = None) -> dict:
+    """Time several variants of one call side by side: each round runs every variant once, so
+    a slow spell of a shared machine hits them all alike. Returns per-variant p50/p95 (ms)
+    and, when `reference` names a variant, each variant's speed-up over it (ratio of p50s)."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - start) * 1000.0)
+    out = {}
+    for name, values in samples.items():
+        arr = np.asarray(values)
+        out[name] = {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
+                     "p10_ms": float(np.percentile(arr, 10)), "p90_ms": float(np.percentile(arr, 90))}
+    if reference is not None:
+        ref = out[reference]["p50_ms"]
+        for name in out:
+            out[name]["speedup"] = ref / out[name]["p50_ms"] if out[name]["p50_ms"] > 0 else float("nan")
+    return {"rounds": rounds, "warmup": warmup, "reference": reference, "variants": out}

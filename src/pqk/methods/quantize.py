@@ -716,6 +716,29 @@ def _calibrate(
     return cache
 
 
+def _impose_ranges(cache: Path, graph: _Graph, plan: _Plan, ranges: Mapping[str, tuple[float, float]]) -> int:
+    """Replace the calibrated range of each Linear's input by `ranges[module path]` (QAT's own
+    scales); returns how many were imposed."""
+    from onnxruntime.quantization.calibrate import TensorData, load_tensors_data
+
+    from pqk.backends.torch_int8 import node_module_path
+
+    data = load_tensors_data(cache)
+    by_name = {n.name: n for n in graph.nodes}
+    imposed = 0
+    for name in plan.nodes_to_quantize:
+        node = by_name.get(name)
+        key = node_module_path(name, ranges)
+        if node is None or key is None or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        if node.input[0] in data:
+            low, high = ranges[key]
+            data[node.input[0]] = TensorData(lowest=np.array(low, np.float32), highest=np.array(high, np.float32))
+            imposed += 1
+    save_tensors_data(data, cache)
+    return imposed
+
+
 def _has_side_file(path: Path) -> bool:
     return (path.parent / (path.name + ".data")).exists()
 
@@ -739,11 +762,15 @@ def _quiet_ort() -> Iterator[None]:
 
 
 def _run_quantizer(
-    prepared: Path, raw_out: Path, plan: _Plan, graph: _Graph, spec: QuantSpec, calib: Sequence[Any]
-) -> None:
+    prepared: Path, raw_out: Path, plan: _Plan, graph: _Graph, spec: QuantSpec, calib: Sequence[Any],
+    activation_ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> int:
     op_types = plan.op_types(graph)
+    imposed = 0
     with _quiet_ort():
         cache = _calibrate(prepared, graph, plan, spec, calib)
+        if activation_ranges:
+            imposed = _impose_ranges(cache, graph, plan, activation_ranges)
         quantize_static(
             model_input=str(prepared),
             model_output=str(raw_out),
@@ -762,6 +789,7 @@ def _run_quantizer(
             calibrate_method=CALIBRATION_METHODS[spec.calibration.method],
             extra_options=_extra_options(spec, op_types),
         )
+    return imposed
 
 
 def _drop_unused_opsets(proto: onnx.ModelProto) -> None:
@@ -842,11 +870,13 @@ def quantize_ptq(
     out_path: str | os.PathLike[str],
     spec: QuantSpec,
     calib: Sequence[tuple[np.ndarray, np.ndarray]],
+    activation_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Static PTQ of a float pair graph to a QDQ file: int8 weights (per-channel symmetric by
     default), uint8 activations calibrated on `calib`, keep-list kinds and activation-only
     MatMuls left in float. Written atomically; returns a summary (quantized nodes by op type,
-    excluded nodes by reason, sizes)."""
+    excluded nodes by reason, sizes). `activation_ranges` (module path -> (min, max)) imposes
+    the input range of those Linears instead of the calibrated one (QAT export)."""
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     if not fp32_onnx.is_file():
         raise InputError(f"ONNX model not found: {fp32_onnx}")
@@ -857,7 +887,7 @@ def quantize_ptq(
         notes = _check_calibration_data(graph, calib, spec)
         plan = _plan(graph, spec.keep_list)
         raw_out = tmp / "quantized_raw.onnx"
-        _run_quantizer(prepared, raw_out, plan, graph, spec, calib)
+        imposed = _run_quantizer(prepared, raw_out, plan, graph, spec, calib, activation_ranges)
         fp32_meta = {p.key: p.value for p in onnx.load(str(fp32_onnx), load_external_data=False).metadata_props}
         staged = tmp / out_path.name
         _finish(raw_out, staged, fp32_meta, {**spec.to_dict(), "calibration_pairs": len(calib)})
@@ -865,7 +895,10 @@ def quantize_ptq(
         _replace(staged, out_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _summary(fp32_onnx, out_path, spec, plan, len(calib), kernels, notes)
+    summary = _summary(fp32_onnx, out_path, spec, plan, len(calib), kernels, notes)
+    if activation_ranges:
+        summary["imposed_activation_ranges"] = imposed
+    return summary
 
 
 def _summary(

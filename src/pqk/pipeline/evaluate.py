@@ -73,10 +73,10 @@ def scene_view(scene, i: int, device: str = "cpu") -> dict:
 
 
 class TorchRunner:
-    def __init__(self, model: torch.nn.Module, device: str):
+    def __init__(self, model: torch.nn.Module, device: str, runtime: str = "torch eager fp32"):
         self.model = model.to(device).eval()
         self.device = device
-        self.description = f"torch eager fp32 ({device}, {torch.get_num_threads()} threads)"
+        self.description = f"{runtime} ({device}, {torch.get_num_threads()} threads)"
 
     def __call__(self, view1: dict, view2: dict):
         with torch.inference_mode():
@@ -101,7 +101,8 @@ class OrtRunner:
         self.sessions: dict[tuple, object] = {}
         self.fixed = OrtPairRunner(onnx_path, threads=threads) if onnx_path is not None else None
         self.exported: list[str] = []
-        self.description = f"onnxruntime fp32 (CPUExecutionProvider, {threads or 'default'} threads)"
+        kind = "fp32" if onnx_path is None else f"file {Path(onnx_path).name}"
+        self.description = f"onnxruntime {kind} (CPUExecutionProvider, {threads or 'default'} threads)"
 
     def supports(self, view1: dict, view2: dict) -> bool:
         if self.fixed is None:
@@ -125,11 +126,11 @@ class OrtRunner:
         pass
 
 
-def _runner(model, backend: str, device: str, onnx_path: Path | None, threads: int | None):
+def _runner(model, backend: str, device: str, onnx_path: Path | None, threads: int | None, runtime: str | None):
     if backend == "torch":
         if model is None:
             raise InputError("--backend torch needs a PyTorch checkpoint, not an .onnx file")
-        return TorchRunner(model, device)
+        return TorchRunner(model, device, runtime or "torch eager fp32")
     if backend == "onnxruntime":
         if device != "cpu":
             raise InputError("--backend onnxruntime runs on the CPU here; use --device cpu")
@@ -233,6 +234,8 @@ def evaluate(
     options: EvalOptions | None = None,
     progress: Callable[[str], None] | None = None,
     scenes: dict | None = None,
+    count_model: torch.nn.Module | None = None,
+    runtime: str | None = None,
 ) -> Evaluation:
     """Measure a model on the workload and fill its record (quality, efficiency, resources, cost).
 
@@ -240,12 +243,14 @@ def evaluate(
     saved file whose size is reported; `method_fields` the method's slice of the record
     (rho, T, beta, gamma, bits_w, bits_a, keep_list); `steps_device_hours` the device time the
     experiment's steps spent before this evaluation; `scenes` the workload's scenes when the
-    caller already loaded (and hash-checked) them."""
+    caller already loaded (and hash-checked) them; `count_model` the float model whose parameters
+    and FLOPs are counted when `model` is a quantized copy or absent (quantization changes
+    neither count); `runtime` names a non-default torch runtime (e.g. oneDNN INT8)."""
     options = options or EvalOptions()
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     scenes = scenes if scenes is not None else load_scenes(workload)
-    runner = _runner(model, backend, device, onnx_path, options.threads)
+    runner = _runner(model, backend, device, onnx_path, options.threads, runtime)
     notes: list[str] = []
     skipped: list[str] = []
 
@@ -274,7 +279,8 @@ def evaluate(
         scene_figures.append(_scene_level(runner, scenes[name], workload))
 
     say("resources")
-    resources = _resources(model, timed[0], None if artifact is None else Path(artifact), device)
+    resources = _resources(count_model if count_model is not None else model, timed[0],
+                           None if artifact is None else Path(artifact), device)
     eval_hours = (time.perf_counter() - start) / 3600.0
     device_hours = steps_device_hours + eval_hours
     vram = cuda_peak_gigabytes(device)

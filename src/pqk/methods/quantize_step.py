@@ -1,0 +1,188 @@
+"""Q as a step of a plan (protocol stage P2; P3 when the model is a student): PTQ to the QDQ
+artifact, the INT8 runtimes that run it, and the side-by-side latency that the Q gate reads.
+
+Runtimes of one quantized model (the QDQ file `ptq_int8.onnx`):
+- "onnxruntime": ONNX Runtime runs the file itself (the portable artifact's own quality);
+- "onednn": PyTorch runs the file's int8 weights and activation scales on oneDNN's INT8 GEMM
+  with bf16 attention (`pqk.backends.torch_int8`), the fastest CPU runtime measured here.
+
+Latency for the gate comes from `interleaved_latency` in one process (eager FP32 and bf16,
+ONNX Runtime FP32 and INT8, oneDNN INT8 on the same pair, round-robin), because the shared
+machine's speed drifts between separately timed runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pqk.errors import ConfigError
+from pqk.measure.latency import interleaved_latency
+from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
+from pqk.pipeline.step import StepContext, StepResult
+from pqk.pipeline.workload import Workload
+
+RUNTIMES = ("onnxruntime", "onednn")
+QAT_MODES = ("auto", "always", "never")
+MIN_CALIBRATION_PAIRS = 16
+
+
+@dataclass
+class QuantRun:
+    """How a quantization step runs, beyond the spec (the CLI's options)."""
+
+    runtimes: tuple[str, ...] = RUNTIMES  # the first is the step's primary runtime
+    qat: str = "auto"
+    bf16_attention: bool = True
+    latency_rounds: int = 8
+
+    def __post_init__(self) -> None:
+        self.runtimes = tuple(self.runtimes)
+        bad = [r for r in self.runtimes if r not in RUNTIMES]
+        if bad or not self.runtimes:
+            raise ConfigError(f"unknown runtime {bad[0] if bad else '(none)'!r}; expected one or more of {', '.join(RUNTIMES)}")
+        if self.qat not in QAT_MODES:
+            raise ConfigError(f"unknown --qat mode {self.qat!r}; expected one of {', '.join(QAT_MODES)}")
+
+
+def workload_shape(workload: Workload) -> tuple[int, int]:
+    """(height, width) of the workload's generated views: the INT8 graph's static input shape."""
+    data = workload.data or {}
+    if "width" in data and "height" in data:
+        return int(data["height"]), int(data["width"])
+    res = int(workload.resolution)
+    return res * 3 // 4, res  # 4:3 landscape, the generated scenes' aspect
+
+
+def budget_calibration(spec: QuantSpec, budget: float) -> tuple[QuantSpec, list[str]]:
+    """The spec with its calibration size scaled down by a budget < 1 (never below 16 pairs)."""
+    if budget >= 1.0:
+        return spec, []
+    size = max(MIN_CALIBRATION_PAIRS, round(spec.calibration.size * budget))
+    if size >= spec.calibration.size:
+        return spec, []
+    scaled = replace(spec, calibration=replace(spec.calibration, size=size))
+    return scaled, [f"calibration {size} of {spec.calibration.size} pairs (budget {budget:g})"]
+
+
+def _pair_inputs(height: int, width: int) -> tuple[dict, dict]:
+    from pqk.data.scenes import generate_scene
+    from pqk.pipeline.evaluate import scene_view
+
+    seed = 3_999_999  # a calibration-range scene: never an evaluation pair
+    scene = generate_scene(seed, n_views=2, width=width, height=height)
+    return scene_view(scene, 0), scene_view(scene, 1)
+
+
+def side_by_side_latency(
+    model: torch.nn.Module, onnx_fp32: Path | None, onnx_int8: Path | None, int8_model: torch.nn.Module | None,
+    height: int, width: int, rounds: int = 8,
+) -> dict:
+    """Interleaved p50/p95 of every runtime available for this model on one pair at the
+    workload's shape, with speed-ups over PyTorch eager FP32."""
+    from pqk.backends.onnx_export import OrtPairRunner
+
+    view1, view2 = _pair_inputs(height, width)
+    model = model.eval()
+    calls: dict[str, Callable[[], object]] = {}
+
+    def eager():
+        with torch.inference_mode():
+            model(view1, view2)
+
+    def bf16():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(view1, view2)
+
+    calls["torch eager fp32"] = eager
+    calls["torch eager bf16 (autocast)"] = bf16
+    if onnx_fp32 is not None:
+        ort_fp32 = OrtPairRunner(onnx_fp32)
+        calls["onnxruntime fp32"] = lambda: ort_fp32(view1, view2)
+    if onnx_int8 is not None:
+        ort_int8 = OrtPairRunner(onnx_int8)
+        calls["onnxruntime int8 (QDQ)"] = lambda: ort_int8(view1, view2)
+    if int8_model is not None:
+        def onednn():
+            with torch.inference_mode():
+                int8_model(view1, view2)
+
+        calls["torch oneDNN int8 + bf16 attention"] = onednn
+    result = interleaved_latency(calls, rounds=rounds, reference="torch eager fp32")
+    result.update(threads=torch.get_num_threads(), shape=[height, width])
+    return result
+
+
+RUNTIME_LATENCY_KEY = {"onnxruntime": "onnxruntime int8 (QDQ)", "onednn": "torch oneDNN int8 + bf16 attention"}
+RUNTIME_LABEL = {"onnxruntime": "onnxruntime int8 (QDQ)", "onednn": "torch oneDNN int8 + bf16 attention"}
+
+
+@dataclass
+class PtqOutcome:
+    float_model: torch.nn.Module
+    onnx_fp32: Path
+    onnx_int8: Path
+    int8_model: torch.nn.Module | None  # the oneDNN runtime of onnx_int8 (None: not available)
+    record_fields: dict
+    details: dict
+    notes: list[str]
+    device_hours: float
+
+    def runtimes(self) -> list[str]:
+        return ["onnxruntime"] + (["onednn"] if self.int8_model is not None else [])
+
+    def step_result(self, runtime: str) -> StepResult:
+        """What `evaluate` needs to measure this quantized model on one runtime."""
+        notes = [*self.notes, f"runtime: {RUNTIME_LABEL[runtime]}"]
+        common = dict(artifact=self.onnx_int8, fields=dict(self.record_fields), device_hours=self.device_hours,
+                      count_model=self.float_model, runtime=RUNTIME_LABEL[runtime], notes=notes,
+                      details={**self.details, "runtime": runtime})
+        if runtime == "onednn":
+            if self.int8_model is None:
+                raise ConfigError("runtime onednn is not available in this PyTorch build")
+            return StepResult(model=self.int8_model, backend="torch", **common)
+        return StepResult(model=None, backend="onnxruntime", onnx_path=self.onnx_int8, **common)
+
+
+def ptq(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None) -> PtqOutcome:
+    """PTQ (Q-1) of `model` at the workload's shape into `ctx.out_dir/ptq_int8.onnx`, its INT8
+    runtimes and the side-by-side latency of every runtime."""
+    run = run or QuantRun()
+    start = time.perf_counter()
+    out_dir = Path(ctx.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    height, width = workload_shape(ctx.workload)
+    spec, notes = budget_calibration(spec, ctx.budget)
+    ctx.log(f"calibration: {spec.calibration.size} pairs at {width}x{height} ({spec.calibration.method})")
+    calib = calibration_pairs(spec, width, height)
+    ctx.log("PTQ: export, calibrate, quantize")
+    result = quantize(model, spec, calib, out_dir, height, width)
+    summary = result["summary"]
+    notes += list(summary.get("notes", []))
+    int8_model = None
+    details: dict = {"ptq": summary, "onnx_fp32": str(result["onnx_fp32"])}
+    if "onednn" in run.runtimes:
+        from pqk.backends.torch_int8 import int8_model_from_qdq, onednn_int8_available
+
+        if onednn_int8_available():
+            int8_model, details["onednn"] = int8_model_from_qdq(model, result["onnx_int8"], bf16_attention=run.bf16_attention)
+        else:
+            notes.append("no oneDNN INT8 kernels in this PyTorch: runtime onednn skipped")
+    ctx.log("latency side by side")
+    details["latency_side_by_side"] = side_by_side_latency(
+        model, result["onnx_fp32"], result["onnx_int8"], int8_model, height, width, run.latency_rounds
+    )
+    return PtqOutcome(model, Path(result["onnx_fp32"]), Path(result["onnx_int8"]), int8_model,
+                      dict(result["record_fields"]), details, notes, (time.perf_counter() - start) / 3600.0)
+
+
+def ptq_step(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None) -> StepResult:
+    """The plan runner's Q step: PTQ, measured on the first available of `run.runtimes`."""
+    run = run or QuantRun()
+    outcome = ptq(model, ctx, spec, run)
+    primary = next(r for r in run.runtimes if r in outcome.runtimes()) if set(run.runtimes) & set(outcome.runtimes()) else "onnxruntime"
+    return outcome.step_result(primary)

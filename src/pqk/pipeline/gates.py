@@ -1,0 +1,142 @@
+"""The protocol's stop-loss gates (protocol.md, "Stages, outputs and gates").
+
+A gate compares an experiment's record with its reference record (the teacher for P1, P2
+and P4; the FP32 student for P3) and returns a verdict. A failed gate is a result: it is
+written into the record's notes and the eval JSON, and the plan runner marks dependents
+"stopped"; nothing raises.
+
+Quality drop is relative, on one main metric (δ1 by default): for a higher-is-better metric
+``(ref - new) / ref``, for a lower-is-better one ``(new - ref) / ref``. So "drop ≤ 1%" lets
+δ1 go from 0.890 to 0.881, or absrel from 0.107 to 0.108.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pqk.errors import ConfigError
+from pqk.pipeline.record import QUALITY_FIELDS, Record, nan_fields
+
+HIGHER_IS_BETTER = {"delta1": True, "absrel": False, "rmse": False, "chamfer": False}
+DEFAULT_MAIN_METRIC = "delta1"
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """One stage's thresholds (fractions: 0.01 = 1%). None = not part of this gate."""
+
+    max_quality_drop: float
+    min_latency_cut: float | None = None  # t_pair_p50 reduction vs the reference
+    min_size_cut: float | None = None  # params and size reduction vs the reference
+
+
+GATES: dict[str, GateRule] = {
+    "P0": GateRule(max_quality_drop=math.inf),  # no NaN, record complete
+    "P1": GateRule(max_quality_drop=0.01),
+    "P2": GateRule(max_quality_drop=0.01, min_latency_cut=0.50),
+    "P3": GateRule(max_quality_drop=0.01, min_latency_cut=0.50),
+    "P4": GateRule(max_quality_drop=0.03, min_size_cut=0.25),
+}
+
+
+@dataclass
+class GateVerdict:
+    stage: str
+    passed: bool
+    reasons: list[str] = field(default_factory=list)  # why it stopped (empty when passed)
+    figures: dict = field(default_factory=dict)  # the measured drops and cuts
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "stop"
+
+    def note(self) -> str:
+        """One line for the record's notes."""
+        if self.passed:
+            return f"gate {self.stage}: pass"
+        return f"gate {self.stage}: stop ({'; '.join(self.reasons)})"
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "verdict": self.verdict, "reasons": self.reasons, "figures": self.figures}
+
+
+def quality_drop(new: float, ref: float, metric: str) -> float:
+    """Relative drop of `metric` (positive = worse than the reference)."""
+    if metric not in HIGHER_IS_BETTER:
+        raise ConfigError(f"unknown main metric {metric!r}; expected one of {', '.join(HIGHER_IS_BETTER)}")
+    if ref == 0:
+        return 0.0 if new == ref else math.inf
+    return (ref - new) / abs(ref) if HIGHER_IS_BETTER[metric] else (new - ref) / abs(ref)
+
+
+def _cut(new: float | None, ref: float | None) -> float | None:
+    if new is None or ref is None or ref == 0:
+        return None
+    return 1.0 - new / ref
+
+
+def check_gate(
+    stage: str, record: Record, reference: Record, metric: str = DEFAULT_MAIN_METRIC, rule: GateRule | None = None,
+    latency_cut: float | None = None,
+) -> GateVerdict:
+    """The verdict of `stage`'s gate for `record` against `reference`.
+
+    `latency_cut`, when given, is the p50 reduction measured side by side in one process
+    (`interleaved_latency`) and replaces the ratio of the two records' separately timed p50s."""
+    if rule is None:
+        if stage not in GATES:
+            raise ConfigError(f"no gate for stage {stage!r}; expected one of {', '.join(GATES)}")
+        rule = GATES[stage]
+    reasons: list[str] = []
+    bad = nan_fields(record)
+    if bad:
+        reasons.append(f"NaN in {', '.join(bad)}")
+    if metric not in QUALITY_FIELDS:
+        raise ConfigError(f"unknown main metric {metric!r}; expected one of {', '.join(QUALITY_FIELDS)}")
+    if getattr(record, metric) is None:
+        reasons.append(f"{metric} not measured")
+    figures: dict = {"metric": metric}
+    new, ref = getattr(record, metric), getattr(reference, metric)
+    if new is not None and ref is not None and not bad:
+        drop = quality_drop(float(new), float(ref), metric)
+        figures.update(quality_drop=drop, max_quality_drop=rule.max_quality_drop, value=new, reference=ref)
+        if drop > rule.max_quality_drop:
+            reasons.append(f"{metric} {new:.4f} vs {ref:.4f}: drop {drop:.1%} > {rule.max_quality_drop:.0%}")
+    if rule.min_latency_cut is not None:
+        cut = latency_cut if latency_cut is not None else _cut(record.t_pair_p50_ms, reference.t_pair_p50_ms)
+        figures.update(latency_cut=cut, min_latency_cut=rule.min_latency_cut,
+                       latency_source="side by side" if latency_cut is not None else "records")
+        if cut is None or cut < rule.min_latency_cut:
+            shown = "not measured" if cut is None else f"{cut:.0%}"
+            reasons.append(f"t_pair p50 down {shown} < {rule.min_latency_cut:.0%}")
+    if rule.min_size_cut is not None:
+        params_cut = _cut(record.params_M, reference.params_M)
+        size_cut = _cut(record.size_MB, reference.size_MB)
+        figures.update(params_cut=params_cut, size_cut=size_cut, min_size_cut=rule.min_size_cut)
+        best = max((c for c in (params_cut, size_cut) if c is not None), default=None)
+        if best is None or best < rule.min_size_cut:
+            shown = "not measured" if best is None else f"{best:.0%}"
+            reasons.append(f"params/size down {shown} < {rule.min_size_cut:.0%}")
+    return GateVerdict(stage, not reasons, reasons, figures)
+
+
+def record_from_row(row: dict) -> Record:
+    """A Record from a result_table.csv row or an eval JSON's "record" (strings accepted)."""
+    from dataclasses import fields as dc_fields
+
+    values = {}
+    for f in dc_fields(Record):
+        raw = row.get(f.name, None)
+        if raw is None or raw == "":
+            values[f.name] = None if f.name not in ("exp_id", "combo", "keep_list", "notes", "datetime") else ""
+            continue
+        if f.name in ("exp_id", "combo", "keep_list", "notes", "datetime"):
+            values[f.name] = str(raw)
+        elif f.name in ("bits_w", "bits_a", "seed"):
+            values[f.name] = int(float(raw))
+        else:
+            values[f.name] = float(raw)
+    if values.get("seed") is None:
+        values["seed"] = 42
+    return Record(**values)
