@@ -414,6 +414,8 @@ def quantize_cmd(
     runtimes: str = typer.Option("onednn,onnxruntime", "--runtimes", help="INT8 runtimes to evaluate, comma-separated: onednn (PyTorch oneDNN INT8 + bf16 attention), onnxruntime (the QDQ file in ONNX Runtime)."),
     budget: float = typer.Option(1.0, "--budget", min=0.001, max=1.0, help="Scales the calibration set down (1.0 = the spec's size)."),
     combo: str = typer.Option("Q", "--combo", help="Record combo: Q (gate P2 vs the teacher) or KQ/PKQ (gate P3 vs this model in FP32)."),
+    qat: str = typer.Option("auto", "--qat", help="QAT after PTQ: auto (when PTQ misses the quality gate), always, never."),
+    auto_keep: bool = typer.Option(False, "--auto-keep", help="Probe each block's quality sensitivity and INT8 speed gain; keep in float the fewest blocks that meet the gate (and those INT8 does not speed up), then quantize again."),
     repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs per evaluation."),
 ) -> None:
     """Quantize a DUSt3R to W8A8 (protocol stage P2): calibrate on the one calibration set, write the
@@ -421,14 +423,15 @@ def quantize_cmd(
     each INT8 runtime with the one evaluation function, time every runtime side by side (eager FP32
     and bf16, ONNX Runtime FP32 and INT8, oneDNN INT8) and apply the gate."""
     from pqk.methods.quantize import load_quant_spec
-    from pqk.methods.quantize_step import RUNTIME_LATENCY_KEY, RUNTIMES, QuantRun, ptq
+    from pqk.methods.quantize_step import QAT_MODES, RUNTIME_LATENCY_KEY, RUNTIMES, QuantRun, auto_keep_groups, ptq, qat_after_ptq
     from pqk.pipeline.evaluate import EvalOptions, evaluate
     from pqk.pipeline.experiment import measure_step, teacher_reference, write_evaluation
-    from pqk.pipeline.record import ensure_writable_dir
+    from pqk.pipeline.record import ensure_writable_dir, write_json
     from pqk.pipeline.step import StepContext
     from pqk.pipeline.workload import load_scenes, load_workload
 
     chosen = _split_list(runtimes, "--runtimes value", RUNTIMES)
+    qat_mode = _split_list(qat, "--qat value", QAT_MODES)[0]
     spec = load_quant_spec(config)
     workload = load_workload(workload_file)
     float_model, artifact = _load_model(model, "cpu")
@@ -447,28 +450,52 @@ def quantize_cmd(
                             options=options, progress=progress, scenes=scenes)
             write_evaluation(fp32, out_dir)
             reference = fp32.record
-        outcome = ptq(float_model, ctx, spec, QuantRun(runtimes=chosen))
+        run = QuantRun(runtimes=chosen)
+        outcome = ptq(float_model, ctx, spec, run)
         side = outcome.details["latency_side_by_side"]["variants"]
-        written = []
-        for runtime in chosen:
-            if runtime not in outcome.runtimes():
-                err.print(f"runtime {runtime} is not available here; skipped")
-                continue
-            key = RUNTIME_LATENCY_KEY[runtime]
-            cut = 1.0 - 1.0 / side[key]["speedup"] if key in side else None
-            tag = "ort" if runtime == "onnxruntime" else runtime
-            evaluation, _ = measure_step(
-                outcome.step_result(runtime), ctx, exp_id=f"{combo}_PTQ_{tag}_run1", combo=combo, stage=stage,
-                reference=reference, options=options, scenes=scenes, progress=progress, latency_cut=cut,
-            )
-            paths = write_evaluation(evaluation, out_dir)
-            written.append((evaluation, paths))
+
+        def measure_all(result, method: str) -> list:
+            done = []
+            for runtime in chosen:
+                if runtime not in result.runtimes():
+                    err.print(f"runtime {runtime} is not available here; skipped")
+                    continue
+                key = RUNTIME_LATENCY_KEY[runtime]
+                cut = 1.0 - 1.0 / side[key]["speedup"] if key in side else None
+                tag = "ort" if runtime == "onnxruntime" else runtime
+                evaluation, gate = measure_step(
+                    result.step_result(runtime), ctx, exp_id=f"{combo}_{method}_{tag}_run1", combo=combo, stage=stage,
+                    reference=reference, options=options, scenes=scenes, progress=progress, latency_cut=cut,
+                )
+                write_evaluation(evaluation, out_dir)
+                done.append((evaluation, gate))
+            return done
+
+        written = final = measure_all(outcome, "PTQ")
+        if auto_keep:
+            status.update("auto-keep: probing layer groups")
+            keep = auto_keep_groups(float_model, outcome, ctx)
+            write_json(out_dir / "auto_keep.json", keep)
+            err.print(f"auto-keep: float groups {keep['float_groups'] or 'none'}")
+            if keep["float_groups"]:
+                outcome = ptq(float_model, ctx, spec, run, float_groups=keep["float_groups"])
+                final = measure_all(outcome, "PTQautokeep")
+                written = written + final
+        quality_missed = any(g is not None and g["figures"].get("quality_drop", 0.0) > g["figures"].get("max_quality_drop", 1.0)
+                             for _, g in written[:1])
+        if qat_mode == "always" or (qat_mode == "auto" and quality_missed):
+            status.update("QAT")
+            qat_outcome = qat_after_ptq(outcome, ctx, spec, run, teacher=float_model, show_progress=False)
+            final = measure_all(qat_outcome, "QAT")
+            written = written + final
+        elif qat_mode == "auto":
+            err.print("PTQ is within the quality gate: no QAT needed (--qat always forces it)")
     for evaluation, _ in written:
         _print_record(evaluation.record, evaluation.details)
     _print_side_by_side(outcome.details["latency_side_by_side"])
-    if written:
-        # quant_eval.json: the protocol's name for the Q record, the first runtime asked for.
-        first = written[0][0]
+    if final:
+        # quant_eval.json: the protocol's name for the Q record: the last method's first runtime.
+        first = final[0][0]
         write_evaluation(first, out_dir, "quant_eval.json" if combo == "Q" else "kq_eval.json")
         out.print(f"wrote {out_dir / 'ptq_int8.onnx'}, {len(written)} eval JSON(s) and rows of {out_dir / 'result_table.csv'}")
 

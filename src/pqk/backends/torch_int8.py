@@ -195,25 +195,30 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def int8_model_from_qdq(model: nn.Module, qdq_path: str | Path, bf16_attention: bool = True) -> tuple[nn.Module, dict]:
+def int8_model_from_qdq(
+    model: nn.Module, qdq_path: str | Path, bf16_attention: bool = True, float_modules=(), params: dict | None = None,
+) -> tuple[nn.Module, dict]:
     """A copy of the float `model` running the QDQ file's INT8 Linears on oneDNN.
 
     Returns (int8 model, report). Linears absent from the file (or not quantized in it) stay
     float and are listed in the report; a Linear whose float bias is missing from the Gemm
-    keeps the model's own bias (MatMul + Add exports)."""
+    keeps the model's own bias (MatMul + Add exports). `float_modules` stay float even if
+    quantized in the file (sensitivity probes); `params` reuses an already parsed file."""
     if not onednn_int8_available():
         raise InputError("this PyTorch build has no oneDNN INT8 kernels (torch.ops.onednn.qlinear_pointwise)")
     qdq_path = Path(qdq_path)
     if not qdq_path.is_file():
         raise InputError(f"QDQ ONNX model not found: {qdq_path}")
-    params = qdq_linear_params(qdq_path, {n for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    if params is None:
+        params = qdq_linear_params(qdq_path, {n for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    float_modules = set(float_modules)
     out = copy.deepcopy(model).eval()
     converted, kept = [], []
     for name, module in list(out.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         entry = params.get(name)
-        if entry is None or tuple(entry["weight_int8"].shape) != tuple(module.weight.shape):
+        if name in float_modules or entry is None or tuple(entry["weight_int8"].shape) != tuple(module.weight.shape):
             kept.append(name)
             continue
         bias = entry["bias"]

@@ -15,6 +15,7 @@ bias Add) because that is the form ONNX Runtime's CPU provider runs on INT8 kern
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -58,6 +59,15 @@ from pqk.errors import ConfigError, InputError
 from pqk.yaml_io import read_yaml
 
 # --- the spec -------------------------------------------------------------------------------
+
+# QAT defaults (configs/quant.yaml repeats them): 12 epochs at the workload's 512x384, fake
+# quantization for the last third, the FP32 model as a pointmap target.
+DEFAULT_QAT: dict[str, Any] = {
+    "teacher_weight": 0.5,
+    "fake_quant_from": 0.667,
+    "train": {"epochs": 12, "steps_per_epoch": 25, "batch_size": 2, "lr": 2e-5, "warmup_steps": 10,
+              "patience": None, "width": 512, "height": 384, "n_scenes": 24},
+}
 
 KEEP_KINDS = ("Softmax", "attention_scale", "LayerNorm")
 # weights mode -> per-channel scales
@@ -110,6 +120,8 @@ class QuantSpec:
     keep_list: list[str] = field(default_factory=lambda: list(KEEP_KINDS))
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     calibration_seed_base: int = CALIBRATION_SEED_MIN
+    # QAT (Q-2), used when PTQ misses the gate: see pqk.methods.qat.QatSpec.from_dict.
+    qat: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_QAT))
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, Mapping):
@@ -120,6 +132,8 @@ class QuantSpec:
         self.keep_list = _canonical_keep_list(self.keep_list)
         _check_calibration(self.calibration)
         _check_seed_base(self.calibration_seed_base)
+        if not isinstance(self.qat, Mapping):
+            raise ConfigError(f"qat must be a mapping (teacher_weight, fake_quant_from, train); got {self.qat!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
@@ -497,6 +511,24 @@ def _plan(graph: _Graph, keep_list: Sequence[str]) -> _Plan:
     )
 
 
+FLOAT_MODULES = "float_modules"
+
+
+def _keep_modules_float(plan: _Plan, modules: Sequence[str]) -> _Plan:
+    """The plan with the weighted nodes of `modules` moved to the kept-in-float side."""
+    if not modules:
+        return plan
+    from pqk.backends.torch_int8 import node_module_path
+
+    wanted = set(modules)
+    kept = [n for n in plan.weighted if node_module_path(n.name, wanted) is not None]
+    if not kept:
+        return plan
+    names = {n.name for n in kept}
+    return replace(plan, weighted=[n for n in plan.weighted if n.name not in names],
+                   kept={**plan.kept, FLOAT_MODULES: [n.name for n in kept]})
+
+
 def keep_list_node_names(onnx_model: onnx.ModelProto, keep_list: Sequence[str]) -> list[str]:
     """Names of the nodes to keep in float for `keep_list` (operator kinds, see KEEP_KINDS),
     plus the activation-only attention MatMuls, which are always kept in float.
@@ -871,12 +903,14 @@ def quantize_ptq(
     spec: QuantSpec,
     calib: Sequence[tuple[np.ndarray, np.ndarray]],
     activation_ranges: Mapping[str, tuple[float, float]] | None = None,
+    float_modules: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Static PTQ of a float pair graph to a QDQ file: int8 weights (per-channel symmetric by
     default), uint8 activations calibrated on `calib`, keep-list kinds and activation-only
     MatMuls left in float. Written atomically; returns a summary (quantized nodes by op type,
     excluded nodes by reason, sizes). `activation_ranges` (module path -> (min, max)) imposes
-    the input range of those Linears instead of the calibrated one (QAT export)."""
+    the input range of those Linears instead of the calibrated one (QAT export);
+    `float_modules` (Linear module paths) stay float (the accuracy-driven keep-list)."""
     fp32_onnx, out_path = Path(fp32_onnx), Path(out_path)
     if not fp32_onnx.is_file():
         raise InputError(f"ONNX model not found: {fp32_onnx}")
@@ -885,7 +919,7 @@ def quantize_ptq(
     try:
         prepared, graph = _prepare(fp32_onnx, tmp)
         notes = _check_calibration_data(graph, calib, spec)
-        plan = _plan(graph, spec.keep_list)
+        plan = _keep_modules_float(_plan(graph, spec.keep_list), float_modules)
         raw_out = tmp / "quantized_raw.onnx"
         imposed = _run_quantizer(prepared, raw_out, plan, graph, spec, calib, activation_ranges)
         fp32_meta = {p.key: p.value for p in onnx.load(str(fp32_onnx), load_external_data=False).metadata_props}
@@ -944,14 +978,16 @@ def quantize(
     work_dir: str | os.PathLike[str],
     height: int,
     width: int,
+    float_modules: Sequence[str] = (),
+    name: str = "ptq_int8.onnx",
 ) -> dict[str, Any]:
     """The one call: export `model` to `work_dir/model_fp32.onnx` (static height x width) and
-    post-training-quantize it to `work_dir/ptq_int8.onnx`."""
+    post-training-quantize it to `work_dir/ptq_int8.onnx` (`float_modules`: Linears kept float)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(model, work_dir / "model_fp32.onnx", height, width)
-    int8 = work_dir / "ptq_int8.onnx"
-    summary = quantize_ptq(fp32, int8, spec, calib)
+    int8 = work_dir / name
+    summary = quantize_ptq(fp32, int8, spec, calib, float_modules=float_modules)
     return {"onnx_fp32": fp32, "onnx_int8": int8, "summary": summary, "record_fields": spec.to_record_fields()}
 
 

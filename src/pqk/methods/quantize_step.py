@@ -148,9 +148,13 @@ class PtqOutcome:
         return StepResult(model=None, backend="onnxruntime", onnx_path=self.onnx_int8, **common)
 
 
-def ptq(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None) -> PtqOutcome:
+def ptq(
+    model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None,
+    float_groups: list[str] | None = None,
+) -> PtqOutcome:
     """PTQ (Q-1) of `model` at the workload's shape into `ctx.out_dir/ptq_int8.onnx`, its INT8
-    runtimes and the side-by-side latency of every runtime."""
+    runtimes and the side-by-side latency of every runtime. `float_groups` (layer groups of
+    `auto_keep`) stay float; that variant is written to `ptq_int8_autokeep.onnx`."""
     run = run or QuantRun()
     start = time.perf_counter()
     out_dir = Path(ctx.out_dir)
@@ -160,7 +164,15 @@ def ptq(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun
     ctx.log(f"calibration: {spec.calibration.size} pairs at {width}x{height} ({spec.calibration.method})")
     calib = calibration_pairs(spec, width, height)
     ctx.log("PTQ: export, calibrate, quantize")
-    result = quantize(model, spec, calib, out_dir, height, width)
+    float_modules = []
+    if float_groups:
+        from pqk.methods.auto_keep import float_modules_of
+
+        float_modules = float_modules_of(model, float_groups)
+    name = "ptq_int8_autokeep.onnx" if float_groups else "ptq_int8.onnx"
+    result = quantize(model, spec, calib, out_dir, height, width, float_modules=float_modules, name=name)
+    if float_groups:
+        result["record_fields"]["keep_list"] += "+float:" + ",".join(float_groups)
     summary = result["summary"]
     notes += list(summary.get("notes", []))
     int8_model = None
@@ -186,3 +198,59 @@ def ptq_step(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: Qua
     outcome = ptq(model, ctx, spec, run)
     primary = next(r for r in run.runtimes if r in outcome.runtimes()) if set(run.runtimes) & set(outcome.runtimes()) else "onnxruntime"
     return outcome.step_result(primary)
+
+
+def auto_keep_groups(float_model: torch.nn.Module, outcome: PtqOutcome, ctx: StepContext, max_drop: float = 0.01,
+                     n_pairs: int = 8) -> dict:
+    """Probe each layer group of the PTQ model and choose the groups to keep in float
+    (`pqk.methods.auto_keep`), on held-out generated pairs at the workload's shape."""
+    from pqk.data.pair_batches import pair_example, window_pairs
+    from pqk.data.scenes import generate_scene
+    from pqk.methods.auto_keep import choose_float_groups, probe_groups
+    from pqk.train.teacher import VAL_SEED_BASE
+
+    height, width = workload_shape(ctx.workload)
+    scenes = [generate_scene(VAL_SEED_BASE + 500 + k, n_views=4, width=width, height=height) for k in range(2)]
+    pairs = [(s, i, j) for s in range(len(scenes)) for i, j in window_pairs(4, 1)][:n_pairs]
+    examples = [pair_example(scenes[s], i, j) for s, i, j in pairs]
+    probes = probe_groups(float_model, outcome.onnx_int8, examples, _pair_inputs(height, width), log=ctx.log)
+    chosen, reasons = choose_float_groups(probes, max_drop)
+    return {"probes": probes, "float_groups": chosen, "reasons": reasons, "max_drop": max_drop}
+
+
+def qat_after_ptq(
+    ptq_outcome: PtqOutcome, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None,
+    teacher: torch.nn.Module | None = None, show_progress: bool = True,
+) -> PtqOutcome:
+    """QAT (Q-2) from a PTQ outcome: fake-quant training initialised from its scales, then the
+    QAT model's own QDQ file (`qat_int8.onnx`) and its INT8 runtimes. Latency is the PTQ
+    outcome's side-by-side figure: the two files have the same graph, only the numbers differ."""
+    from pqk.methods.qat import QatSpec, export_qat, train_qat
+
+    run = run or QuantRun()
+    start = time.perf_counter()
+    out_dir = Path(ctx.out_dir)
+    height, width = workload_shape(ctx.workload)
+    qat_spec = QatSpec.from_dict(dict(spec.qat), ctx.budget)
+    spec, notes = budget_calibration(spec, ctx.budget)
+    ctx.log(f"QAT: {qat_spec.train.epochs} epochs x {qat_spec.train.steps_per_epoch} steps, fake quantization "
+            f"from {qat_spec.fake_quant_from:.0%} of the run")
+    qat_model, fit = train_qat(ptq_outcome.float_model, ptq_outcome.onnx_int8, qat_spec, out_dir / "qat",
+                               teacher=teacher, resume=ctx.resume, log=ctx.log, show_progress=show_progress)
+    ctx.log("QAT: export to QDQ with the trained scales")
+    exported = export_qat(qat_model, spec, calibration_pairs(spec, width, height), out_dir, height, width)
+    int8_model = None
+    details = {"ptq": exported["summary"], "onnx_fp32": str(exported["onnx_fp32"]),
+               "qat": {"epochs": len(fit.history), "steps": fit.steps_done, "wall_time_s": fit.wall_time_s,
+                       "fake_quant_from": qat_spec.fake_quant_from, "teacher_weight": qat_spec.teacher_weight,
+                       "history": fit.history, "checkpoint": str(exported["checkpoint"])},
+               "latency_side_by_side": ptq_outcome.details.get("latency_side_by_side")}
+    if "onednn" in run.runtimes and ptq_outcome.int8_model is not None:
+        from pqk.backends.torch_int8 import int8_model_from_qdq
+
+        int8_model, details["onednn"] = int8_model_from_qdq(exported["float_model"], exported["onnx_int8"],
+                                                            bf16_attention=run.bf16_attention)
+    notes = [*notes, f"QAT {fit.steps_done} steps after PTQ"]
+    hours = ptq_outcome.device_hours + (time.perf_counter() - start) / 3600.0
+    return PtqOutcome(exported["float_model"], Path(exported["onnx_fp32"]), Path(exported["onnx_int8"]), int8_model,
+                      dict(ptq_outcome.record_fields), details, notes, hours)
