@@ -71,13 +71,13 @@ def _resolve_device(device: Device) -> str:
     return device.value
 
 
-def _load_model(checkpoint: Optional[Path], device: str):
-    """The user's checkpoint, or the bundled default with its notice."""
+def _load_model(checkpoint: Optional[Path], device: str, option: str = "--checkpoint"):
+    """The user's checkpoint, or the bundled default with its notice (naming the command's `option`)."""
     from pqk.assets import default_checkpoint
     from pqk.models.dust3r import load_checkpoint
 
     if checkpoint is None:
-        checkpoint, notice = default_checkpoint()
+        checkpoint, notice = default_checkpoint(option)
         if notice:
             err.print(f"[bold yellow]note:[/] {notice}")
     return load_checkpoint(checkpoint, device=device), checkpoint
@@ -368,7 +368,7 @@ def eval_cmd(
             raise InputError(f"--model {model} does not exist")
         onnx_path, torch_model, artifact = model, None, model
     else:
-        torch_model, artifact = _load_model(model, dev)
+        torch_model, artifact = _load_model(model, dev, "--model")
     from pqk.pipeline.record import ensure_writable_dir
     from pqk.pipeline.workload import load_scenes
 
@@ -388,6 +388,55 @@ def eval_cmd(
     csv_path = upsert_row(out_dir / "result_table.csv", evaluation.record)
     _print_record(evaluation.record, evaluation.details)
     out.print(f"wrote {json_path} and a row of {csv_path}")
+
+
+# --- pqk run --------------------------------------------------------------------------------
+
+
+@app.command(
+    "run",
+    epilog="Example (the main job on the embedded default, minutes on 2 cores): pqk run configs/plans/minimal.yaml",
+)
+def run_cmd(
+    plan_file: Path = typer.Argument(..., help="A plan: configs/plans/minimal.yaml, medium.yaml or best.yaml (or your own)."),
+    out_root: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs go to <out>/<plan name>/."),
+    device: Device = typer.Option(Device.cpu, "--device", help="Where training and evaluation run."),
+    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs per evaluation."),
+) -> None:
+    """Run a plan end to end: every experiment's steps (distill, prune, quantize) with shared steps
+    computed once, each experiment measured by the one evaluation function and gated, all records in
+    <out>/<plan>/result_table.csv. Interrupted? Run the same command again: finished steps are reused
+    and training resumes from its last checkpoint."""
+    from pqk.pipeline.evaluate import EvalOptions
+    from pqk.pipeline.plan import load_plan
+    from pqk.pipeline.runner import PlanRunner
+
+    plan = load_plan(plan_file)
+    dev = _resolve_device(device)
+    start = time.perf_counter()
+    with err.status(f"plan {plan.name}") as status:
+        def log(msg: str) -> None:
+            status.update(f"plan {plan.name}: {msg}")
+            if not msg.startswith(("  ", "evaluating:")):
+                err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", soft_wrap=True)
+
+        runner = PlanRunner(plan, out_root, device=dev, log=log, eval_options=EvalOptions(repeats=repeats))
+        statuses = runner.run()
+    from rich.table import Table
+
+    table = Table(title=f"plan {plan.name}: {time.perf_counter() - start:.0f} s")
+    for col in ("experiment", "exp_id", "state", "gate", "δ1", "absrel", "p50 ms", "params M", "notes"):
+        table.add_column(col)
+    for st in statuses:
+        rec = st.record
+        table.add_row(st.id, st.exp_id, st.state, st.verdict or "-",
+                      "" if rec is None or rec.delta1 is None else f"{rec.delta1:.4f}",
+                      "" if rec is None or rec.absrel is None else f"{rec.absrel:.4f}",
+                      "" if rec is None or rec.t_pair_p50_ms is None else f"{rec.t_pair_p50_ms:.1f}",
+                      "" if rec is None or rec.params_M is None else f"{rec.params_M:.2f}",
+                      "; ".join(st.reasons)[:80])
+    out.print(table)
+    out.print(f"records: {runner.run_dir / 'result_table.csv'}; log: {runner.run_dir / 'execution_log.jsonl'}")
 
 
 # --- pqk quantize ---------------------------------------------------------------------------
@@ -434,7 +483,7 @@ def quantize_cmd(
     qat_mode = _split_list(qat, "--qat value", QAT_MODES)[0]
     spec = load_quant_spec(config)
     workload = load_workload(workload_file)
-    float_model, artifact = _load_model(model, "cpu")
+    float_model, artifact = _load_model(model, "cpu", "--model")
     scenes = load_scenes(workload)
     ensure_writable_dir(out_dir)
     options = EvalOptions(repeats=repeats)
@@ -571,7 +620,7 @@ def prune_cmd(
                  "importance": check_choice("--importance", importance, IMPORTANCES) if importance else spec.importance}
     specs = [dataclasses.replace(spec, rho=r, **overrides) for r in rhos]  # each validated on construction
     workload = load_workload(workload_file)
-    base_model, artifact = _load_model(model, "cpu")
+    base_model, artifact = _load_model(model, "cpu", "--model")
     scenes = load_scenes(workload)  # the data hash is checked before anything is written
     ensure_writable_dir(out_dir)
     options = EvalOptions(repeats=repeats)
@@ -694,15 +743,15 @@ def distill_cmd(
     names = parse_runs(runs, grid)
     workload = load_workload(workload_file)
     dev = _resolve_device(device)
-    bundled = teacher_file is None or teacher_file.resolve() == default_checkpoint()[0].resolve()
-    teacher, teacher_path = _load_model(teacher_file, dev)
-    budget = budget if budget is not None else (grid.embedded_budget if bundled else 1.0)
-    scenes = load_scenes(workload)  # the data hash is checked before anything is written
-    rank, world = init_distributed()
+    rank, world = init_distributed()  # under torchrun: one process per GPU (or CPU share)
     if dev == "cuda" and world > 1:
         import torch
 
         dev = f"cuda:{torch.cuda.current_device()}"
+    bundled = teacher_file is None or teacher_file.resolve() == default_checkpoint()[0].resolve()
+    teacher, teacher_path = _load_model(teacher_file, dev, "--teacher")
+    budget = budget if budget is not None else (grid.embedded_budget if bundled else 1.0)
+    scenes = load_scenes(workload)  # the data hash is checked before anything is written
     if rank == 0:
         ensure_writable_dir(out_dir)
     start = time.perf_counter()
@@ -723,20 +772,24 @@ def _print_distill_summary(outcome) -> None:
     from rich.table import Table
 
     table = Table(title="P1 distillation vs the teacher (torch eager fp32)")
-    for col in ("run", "exp_id", "params M", "GFLOPs", "p50 ms", "absrel", "δ1", "gate"):
-        table.add_column(col, justify="left" if col in ("run", "exp_id", "gate") else "right")
+    for col in ("exp_id", "params M", "GFLOPs", "p50 ms", "absrel", "δ1", "gate"):
+        table.add_column(col, justify="left" if col in ("exp_id", "gate") else "right", no_wrap=True)
 
     def cells(rec) -> list[str]:
         def f(v, fmt):
             return "—" if v is None else format(v, fmt)
         return [f(rec.params_M, ".3f"), f(rec.flops_G, ".2f"), f(rec.t_pair_p50_ms, ".0f"), f(rec.absrel, ".4f"), f(rec.delta1, ".4f")]
 
-    table.add_row("teacher", outcome.teacher.exp_id, *cells(outcome.teacher), "reference")
+    table.add_row(outcome.teacher.exp_id, *cells(outcome.teacher), "ref.")
+    reasons = []
     for name, rec in outcome.records.items():
         gate = outcome.gates.get(name) or {}
-        verdict = gate.get("verdict", "—") + (": " + "; ".join(gate["reasons"]) if gate.get("reasons") else "")
-        table.add_row(name, rec.exp_id, *cells(rec), verdict)
+        table.add_row(rec.exp_id, *cells(rec), gate.get("verdict", "—"))
+        if gate.get("reasons"):
+            reasons.append(f"{name}: gate P1 stop ({'; '.join(gate['reasons'])})")
     out.print(table)
+    for line in reasons:
+        out.print(line)
     for name, chosen in outcome.selected.items():
         out.print(f"{name}: {chosen} -> student_fp32_best.safetensors")
 
@@ -775,6 +828,79 @@ def teacher_train(
     record["command"] = " ".join(["pqk", "teacher", "train", *sys.argv[3:]]) if len(sys.argv) > 3 else "pqk teacher train"
     (out_dir / "teacher_recipe.json").write_text(json.dumps(record, indent=1))
     out.print(f"teacher -> {out_dir / 'teacher.safetensors'} ({time.perf_counter() - start:.0f}s); final validation: {record['final_val']}")
+
+
+# --- pqk budget / pqk report ------------------------------------------------------------------
+
+
+@app.command(
+    "budget",
+    epilog="Example (about a minute on a 2-core CPU): pqk budget configs/plans/minimal.yaml --gpu h100 --rate 6.88",
+)
+def budget_cmd(
+    plan: Path = typer.Argument(..., help="The plan file (configs/plans/minimal.yaml, medium.yaml, best.yaml).", show_default=False),
+    gpu: str = typer.Option("h100", "--gpu", help="Target device: a100, h100 (a range: A100 time / 2.2..1.7) or cpu (this machine's measured time)."),
+    rate: float = typer.Option(6.88, "--rate", help="Price in USD per device-hour (document 000: H100 at $6.88/h)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="The teacher checkpoint the plan starts from. Default: the plan's, else the bundled one."),
+    budget: float = typer.Option(1.0, "--budget", help="Multiplies every epoch count and the calibration set, as `pqk run` does (1.0 = the protocol's full length)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures to this JSON file (pqk report --estimate reads it)."),
+    probe_steps: int = typer.Option(3, "--probe-steps", help="Timed training steps per probe, after one warm-up step (median)."),
+    peak_tflops: float = typer.Option(312.0, "--peak-tflops", help="A100 peak, bf16 dense tensor-core TFLOP/s."),
+    utilisation: float = typer.Option(0.35, "--utilisation", help="Share of the peak a training loop sustains."),
+    h100_speedup: str = typer.Option("1.7,2.2", "--h100-speedup", help="How much faster an H100 is than an A100: LOW,HIGH."),
+) -> None:
+    """Estimate a plan's device-hours and money before spending them: a short probe on this machine
+    (a few training steps and forward passes of every model the plan trains, FLOPs counted), scaled
+    to the target GPU, multiplied by each experiment's steps, calibration and evaluation passes."""
+    from pqk.pipeline.budget import Factors, check_gpu, estimate_plan, estimate_table, footer_lines, parse_speedup
+    from pqk.pipeline.record import write_json
+
+    gpu = check_gpu(gpu)  # before the probe: a typo costs nothing
+    factors = Factors(peak_tflops, utilisation, parse_speedup(h100_speedup))
+    with err.status("probing") as status:
+        result = estimate_plan(plan, gpu, rate, budget, teacher=teacher, factors=factors, probe_steps=probe_steps,
+                               log=lambda msg: status.update(msg))
+    out.print(estimate_table(result))
+    for line in footer_lines(result):
+        out.print(line, style="dim" if not line.startswith("note") else None)
+    if json_path is not None:
+        out.print(f"wrote {write_json(json_path, result)}")
+
+
+class QualityMetric(str, Enum):
+    delta1 = "delta1"
+    absrel = "absrel"
+
+
+@app.command("report", epilog="Example (after pqk run configs/plans/minimal.yaml): pqk report runs/minimal")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A plan's run folder (runs/<plan>): result_table.csv, *_eval.json, execution_log.jsonl.", show_default=False),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="The plan file, for the budget table. Default: RUN_DIR/plan.yaml (the runner's copy)."),
+    metric: QualityMetric = typer.Option(QualityMetric.delta1, "--metric", help="Quality axis of the Pareto plot."),
+    estimate: Optional[Path] = typer.Option(None, "--estimate", help="A `pqk budget --json` file to compare with instead of probing now."),
+    no_estimate: bool = typer.Option(False, "--no-estimate", help="Leave the budget table out (no probe)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Device of the estimate: a100, h100, cpu. Default: the device the records were measured on."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="USD per device-hour. Default: the records' rate."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Budget knob of the estimate. Default: the plan's (what the runner used)."),
+) -> None:
+    """Tables (Markdown, LaTeX), a Pareto plot of quality vs latency, resources relative to the teacher,
+    gate verdicts, the budget estimate vs device-hours spent and the daily execution log, all on one
+    self-contained HTML page: RUN_DIR/report/report.html."""
+    from pqk.pipeline.budget import check_gpu
+    from pqk.report import build_report
+
+    if gpu is not None:
+        check_gpu(gpu)
+    with err.status("report") as status:
+        report = build_report(run_dir, plan=plan, metric=metric.value, estimate=estimate, compute_estimate=not no_estimate,
+                              gpu=gpu, rate=rate, budget=budget, log=lambda msg: status.update(msg))
+    verdicts = [g.verdict for g in report.gates]
+    out.print(f"{len(verdicts)} gate rows: {verdicts.count('pass')} pass, {verdicts.count('stop')} stop, "
+              f"{verdicts.count('stopped (not run)')} not run; "
+              f"Pareto front ({report.pareto['metric']}): {', '.join(report.pareto['front']) or '—'}")
+    for note in report.notes:
+        out.print(f"note: {note}")
+    out.print(f"wrote {', '.join(sorted(report.files))} to {report.folder}; open {report.folder / 'report.html'}")
 
 
 def main() -> None:

@@ -19,3 +19,19 @@ def read_yaml(path: Path, what: str, hint: str = "", invalid: type[PqkError] = I
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise invalid(f"{what} {path} is not valid YAML ({str(exc).strip().splitlines()[0]})") from None
+
+
+def dataclass_from_mapping(cls, data, what: str):
+    """`cls(**data)` for a config dataclass, with one-line errors for a non-mapping and for
+    unknown keys (naming the accepted ones); the dataclass validates values itself."""
+    from dataclasses import fields
+
+    from pqk.errors import ConfigError
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} field {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+    return cls(**data)

@@ -14,10 +14,11 @@ TEACHER_CHECKPOINT = ASSETS / "teacher_dust3r.safetensors"
 TEACHER_RECIPE = ASSETS / "teacher_recipe.json"
 TEACHER_NOTICE = (
     "using the bundled teacher: a small DUSt3R (5.2M parameters) trained on pqk's generated scenes, "
-    "not the official DUSt3R; pass --checkpoint for other weights"
+    "not the official DUSt3R; pass {option} for other weights"
 )
 
 
-def default_checkpoint() -> tuple[Path, str]:
-    """The checkpoint used when the user names none, and the notice to print with it."""
-    return TEACHER_CHECKPOINT, TEACHER_NOTICE
+def default_checkpoint(option: str = "--checkpoint") -> tuple[Path, str]:
+    """The checkpoint used when the user names none, and the notice to print with it
+    (`option`: the command's own flag for a checkpoint)."""
+    return TEACHER_CHECKPOINT, TEACHER_NOTICE.format(option=option)

@@ -39,6 +39,7 @@ class QuantRun:
     qat: str = "auto"
     bf16_attention: bool = True
     latency_rounds: int = 8
+    fixed_calibration: bool = False  # the calibration size is the experiment's subject (ABL-2): no budget scaling
 
     def __post_init__(self) -> None:
         self.runtimes = tuple(self.runtimes)
@@ -160,7 +161,7 @@ def ptq(
     out_dir = Path(ctx.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     height, width = workload_shape(ctx.workload)
-    spec, notes = budget_calibration(spec, ctx.budget)
+    spec, notes = (spec, []) if run.fixed_calibration else budget_calibration(spec, ctx.budget)
     ctx.log(f"calibration: {spec.calibration.size} pairs at {width}x{height} ({spec.calibration.method})")
     calib = calibration_pairs(spec, width, height)
     ctx.log("PTQ: export, calibrate, quantize")
@@ -190,14 +191,6 @@ def ptq(
     )
     return PtqOutcome(model, Path(result["onnx_fp32"]), Path(result["onnx_int8"]), int8_model,
                       dict(result["record_fields"]), details, notes, (time.perf_counter() - start) / 3600.0)
-
-
-def ptq_step(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None) -> StepResult:
-    """The plan runner's Q step: PTQ, measured on the first available of `run.runtimes`."""
-    run = run or QuantRun()
-    outcome = ptq(model, ctx, spec, run)
-    primary = next(r for r in run.runtimes if r in outcome.runtimes()) if set(run.runtimes) & set(outcome.runtimes()) else "onnxruntime"
-    return outcome.step_result(primary)
 
 
 def auto_keep_groups(float_model: torch.nn.Module, outcome: PtqOutcome, ctx: StepContext, max_drop: float = 0.01,
@@ -232,7 +225,7 @@ def qat_after_ptq(
     out_dir = Path(ctx.out_dir)
     height, width = workload_shape(ctx.workload)
     qat_spec = QatSpec.from_dict(dict(spec.qat), ctx.budget)
-    spec, notes = budget_calibration(spec, ctx.budget)
+    spec, notes = (spec, []) if run.fixed_calibration else budget_calibration(spec, ctx.budget)
     ctx.log(f"QAT: {qat_spec.train.epochs} epochs x {qat_spec.train.steps_per_epoch} steps, fake quantization "
             f"from {qat_spec.fake_quant_from:.0%} of the run")
     qat_model, fit = train_qat(ptq_outcome.float_model, ptq_outcome.onnx_int8, qat_spec, out_dir / "qat",
@@ -254,3 +247,57 @@ def qat_after_ptq(
     hours = ptq_outcome.device_hours + (time.perf_counter() - start) / 3600.0
     return PtqOutcome(exported["float_model"], Path(exported["onnx_fp32"]), Path(exported["onnx_int8"]), int8_model,
                       dict(ptq_outcome.record_fields), details, notes, hours)
+
+
+def heldout_delta1_drop(float_model: torch.nn.Module, int8_model: torch.nn.Module, ctx: StepContext, n_pairs: int = 8) -> dict:
+    """δ1 of the FP32 and INT8 models on held-out generated pairs at the workload's shape (never
+    the workload's pairs): what `--qat auto` decides on inside a plan, before `evaluate` runs."""
+    from pqk.data.pair_batches import pair_example, window_pairs
+    from pqk.data.scenes import generate_scene
+    from pqk.pipeline.gates import quality_drop
+    from pqk.train.teacher import VAL_SEED_BASE, validate
+
+    height, width = workload_shape(ctx.workload)
+    scenes = [generate_scene(VAL_SEED_BASE + 500 + k, n_views=4, width=width, height=height) for k in range(2)]
+    pairs = [(s, i, j) for s in range(len(scenes)) for i, j in window_pairs(4, 1)][:n_pairs]
+    examples = [pair_example(scenes[s], i, j) for s, i, j in pairs]
+    # Batch 1: the ONNX Runtime model has the workload's static shape.
+    ref = float(validate(float_model.eval(), examples, batch_size=1)["delta1"])
+    new = float(validate(int8_model.eval(), examples, batch_size=1)["delta1"])
+    return {"delta1_fp32": ref, "delta1_int8": new, "drop": quality_drop(new, ref, "delta1"), "pairs": len(examples)}
+
+
+def quantize_step(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None,
+                  max_drop: float = 0.01) -> tuple[StepResult, PtqOutcome]:
+    """The plan runner's Q step: PTQ, then QAT when `run.qat` is "always", or "auto" and PTQ's
+    held-out δ1 drop exceeds `max_drop`. Measured on the first available of `run.runtimes`;
+    returns the step result and the outcome it came from."""
+    run = run or QuantRun()
+    outcome = ptq(model, ctx, spec, run)
+    probe_model = outcome.int8_model
+    decision = None
+    if run.qat == "auto":
+        if probe_model is None:
+            from pqk.backends.onnx_export import OrtPairRunner
+
+            ort = OrtPairRunner(outcome.onnx_int8)
+            probe_model = _OrtAsModule(ort)
+        decision = heldout_delta1_drop(model, probe_model, ctx)
+        ctx.log(f"PTQ held-out δ1 drop {decision['drop']:.2%} (QAT when > {max_drop:.0%})")
+    if run.qat == "always" or (decision is not None and decision["drop"] > max_drop):
+        outcome = qat_after_ptq(outcome, ctx, spec, run, teacher=model, show_progress=False)
+    outcome.details["qat_decision"] = {"mode": run.qat, "max_drop": max_drop, **(decision or {})}
+    available = outcome.runtimes()
+    primary = next((r for r in run.runtimes if r in available), available[0])
+    return outcome.step_result(primary), outcome
+
+
+class _OrtAsModule(torch.nn.Module):
+    """An ONNX Runtime pair runner behind the module interface `validate` calls."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, view1: dict, view2: dict):
+        return self.runner(view1, view2)

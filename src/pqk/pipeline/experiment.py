@@ -33,7 +33,7 @@ def _json_safe(value):
 def measure_step(
     step: StepResult, ctx: StepContext, *, exp_id: str, combo: str, stage: str | None,
     reference: Record | None, options: EvalOptions | None = None, scenes: dict | None = None,
-    progress: Callable[[str], None] | None = None, latency_cut: float | None = None,
+    progress: Callable[[str], None] | None = None, latency_cut: float | None = None, rule=None,
 ) -> tuple[Evaluation, dict | None]:
     """Evaluate `step`'s model on the workload, fold in its notes, apply `stage`'s gate
     against `reference` (none when either is None). Returns (evaluation, gate JSON)."""
@@ -46,7 +46,7 @@ def measure_step(
     record = evaluation.record
     gate = None
     if stage is not None and reference is not None:
-        verdict = check_gate(stage, record, reference, latency_cut=latency_cut)
+        verdict = check_gate(stage, record, reference, rule=rule, latency_cut=latency_cut)
         gate = {**verdict.to_json(), "reference": reference.exp_id}
         step_notes = [*step.notes, verdict.note()]
     else:

@@ -60,10 +60,6 @@ class TeacherRecipe:
             # A model trained at 256x192 loses ~6 points of absrel at 512 (4x the tokens):
             # a longer full-resolution stage brings it back.
             Stage(512, 384, 450, 2, 1e-4, 80),
-            # Stereo-rig scenes and a long full-resolution stage: after the four stages above
-            # the teacher over-spread the depth of real rectified pairs (motorcycle) and was
-            # still improving at 512.
-            Stage(512, 384, 600, 2, 1e-4, 60, stereo_fraction=0.5),
         ]
     )
     views_per_scene: int = 8

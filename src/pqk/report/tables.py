@@ -1,0 +1,137 @@
+"""Tables of the report, built once as plain cells and written as Markdown, LaTeX (booktabs)
+and HTML, so the three never disagree."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pqk.pipeline.record import RECORD_FIELDS, Record
+
+# The results table: the fields a reader compares, with units; the full 25 follow in the CSV.
+RESULT_COLUMNS: list[tuple[str, str]] = [
+    ("exp_id", "exp_id"), ("combo", "combo"), ("rho", "ρ"), ("T", "T"), ("beta", "β"), ("gamma", "γ"),
+    ("bits", "bits W/A"), ("params_M", "params (M)"), ("flops_G", "GFLOPs"), ("size_MB", "size (MB)"),
+    ("vram_GB", "VRAM (GB)"), ("absrel", "AbsRel ↓"), ("delta1", "δ1 ↑"), ("rmse", "RMSE ↓"), ("chamfer", "Chamfer ↓"),
+    ("t_pair_p50_ms", "p50 (ms)"), ("t_pair_p95_ms", "p95 (ms)"), ("pairs_per_sec", "pairs/s"),
+    ("t_scene_s", "t_scene (s)"), ("gpu_hours", "GPU-h"),
+]
+# LaTeX pages are narrow: the paper's table keeps the headline figures.
+LATEX_COLUMNS = ["exp_id", "combo", "params_M", "flops_G", "size_MB", "absrel", "delta1", "chamfer",
+                 "t_pair_p50_ms", "pairs_per_sec", "gpu_hours"]
+_LATEX_HEADERS = {"rho": r"$\rho$", "beta": r"$\beta$", "gamma": r"$\gamma$", "absrel": r"AbsRel $\downarrow$",
+                  "delta1": r"$\delta_1$ $\uparrow$", "rmse": r"RMSE $\downarrow$", "chamfer": r"Chamfer $\downarrow$"}
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A cell: None/'' -> '—', NaN stays visible, floats in `digits` significant digits."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if abs(value) >= 10 ** digits:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def fmt_pct(value: Any) -> str:
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "—"
+    return f"{value:+.1%}"
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    numeric: list[bool] = field(default_factory=list)  # right-aligned columns
+    latex_headers: list[str] | None = None
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.numeric:
+            self.numeric = [False] * len(self.headers)
+
+    # -- Markdown
+    def markdown(self) -> str:
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(cell(h) for h in self.headers) + " |",
+                 "|" + "|".join("---:" if n else "---" for n in self.numeric) + "|"]
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    # -- HTML
+    def html(self, css_class: str = "") -> str:
+        def td(text: str, numeric: bool, tag: str = "td") -> str:
+            return f"<{tag}{' class=num' if numeric else ''}>{html.escape(text)}</{tag}>"
+
+        head = "".join(td(h, n, "th") for h, n in zip(self.headers, self.numeric))
+        body = "\n".join("<tr>" + "".join(td(c, n) for c, n in zip(row, self.numeric)) + "</tr>" for row in self.rows)
+        cap = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        cls = f' class="{css_class}"' if css_class else ""
+        return f'<div class="scroll"><table{cls}>{cap}<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table></div>\n'
+
+    # -- LaTeX (booktabs)
+    def latex(self, label: str = "") -> str:
+        headers = self.latex_headers or [latex_escape(h) for h in self.headers]
+        spec = "".join("r" if n else "l" for n in self.numeric)
+        lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+                 " & ".join(headers) + r" \\", r"\midrule"]
+        lines += [" & ".join(latex_escape(c) for c in row) + r" \\" for row in self.rows]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        if self.caption:
+            lines.append(rf"\caption{{{latex_escape(self.caption)}}}")
+        if label:
+            lines.append(rf"\label{{{label}}}")
+        lines.append(r"\end{table}")
+        return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "—": "---", "–": "--", "→": r"$\rightarrow$", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
+                  "δ": r"$\delta$", "ρ": r"$\rho$", "β": r"$\beta$", "γ": r"$\gamma$", "≤": r"$\le$", "≥": r"$\ge$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _cell(rec: Record, key: str) -> str:
+    if key == "bits":
+        return "—" if rec.bits_w is None and rec.bits_a is None else f"{fmt(rec.bits_w)}/{fmt(rec.bits_a)}"
+    return fmt(getattr(rec, key))
+
+
+def results_table(records: list[Record], columns: list[tuple[str, str]] | None = None, latex: bool = False) -> Table:
+    """The results: one row per record, the readable columns (LATEX_COLUMNS for the paper)."""
+    cols = columns or RESULT_COLUMNS
+    if latex:
+        names = dict(RESULT_COLUMNS)
+        cols = [(k, names[k]) for k in LATEX_COLUMNS]
+    text = {"exp_id", "combo", "bits"}
+    return Table(
+        headers=[h for _, h in cols],
+        rows=[[_cell(r, k) for k, _ in cols] for r in records],
+        numeric=[k not in text for k, _ in cols],
+        latex_headers=[_LATEX_HEADERS.get(k, latex_escape(h)) for k, h in cols],
+    )
+
+
+def full_table(records: list[Record]) -> Table:
+    """All 25 protocol fields, as result_table.csv has them."""
+    text = {"exp_id", "combo", "keep_list", "notes", "datetime"}
+    return Table(headers=list(RECORD_FIELDS), rows=[[fmt(getattr(r, f)) for f in RECORD_FIELDS] for r in records],
+                 numeric=[f not in text for f in RECORD_FIELDS])

@@ -1,0 +1,525 @@
+"""One generic trainer for every method that trains a DUSt3R: distillation, the pruned
+model's fine-tune, QAT. It knows nothing about the method; the method hands it a loss.
+
+    result = fit(model, loss_fn, TrainSpec(...), out_dir)
+
+- Data: pairs of generated scenes from the training seed range (never the workload's
+  seeds 42-46, the validation range or the calibration range), drawn by a seeded
+  `PairSampler`. Each rank of a distributed run draws its own pairs.
+- Optimisation: AdamW (wd 0.05, betas 0.9/0.95 as the teacher), linear warm-up then cosine
+  decay of the learning rate, gradient clipping. The schedule is a pure function of the
+  global step, so the step counter is the scheduler's whole state.
+- Every epoch: validation on held-out generated scenes (median-aligned depth absrel/δ1 of
+  view 1, `pqk.train.teacher.validate`), early stopping on val absrel with `patience`,
+  `best.pth` (on improvement) and `last.pth` written atomically (write, then rename).
+- `last.pth` is also written every `checkpoint_every` steps inside an epoch. It holds the
+  model, extra modules, optimizer, step, epoch, running epoch sums, history, best-so-far
+  and the RNG states of every rank (torch, CUDA, the pair sampler's numpy generator), so a
+  run killed at any point and restarted with `resume=True` ends with the same weights as
+  an uninterrupted run (tests/test_trainer.py kills one with SIGKILL).
+- Distributed: call `init_distributed()` (torchrun sets the environment) before `fit`; the
+  model is wrapped in DistributedDataParallel (NCCL on GPUs, gloo on CPUs), only rank 0
+  validates and writes files, and the validation verdict is broadcast so every rank stops
+  at the same epoch.
+- `<name>_log.json`: spec, per-epoch train-loss means and validation metrics, best epoch.
+  TensorBoard scalars too when `torch.utils.tensorboard` imports (optional dependency).
+
+Checkpoints hold `model.state_dict()` whatever the model is (pruned widths, fake-quant
+modules), so any method reuses this loop unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pqk.data.pair_batches import PairSampler
+from pqk.errors import ConfigError
+from pqk.train.schedule import warmup_cosine
+from pqk.train.teacher import TRAIN_SEED_BASE, VAL_SEED_BASE, Stage, TeacherRecipe, _scenes, _val_examples, validate
+
+# (model, view1, view2, gt, progress in [0, 1]) -> (loss to minimise, scalar logs)
+LossFn = Callable[[nn.Module, dict, dict, dict, float], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class TrainSpec:
+    """How long and on what a model trains. Validated on construction (one-line errors)."""
+
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    patience: int | None = 3  # epochs without a better val absrel before stopping; None = never
+    width: int = 512
+    height: int = 384
+    n_scenes: int = 64
+    views_per_scene: int = 8
+    window: int = 4
+    val_scenes: int = 4
+    val_pairs: int = 16
+    seed: int = 42
+    # Share of training scenes seen by the rectified stereo rig (the teacher's last stage
+    # used half: real pairs such as Middlebury's are sideways translations).
+    stereo_fraction: float = 0.5
+    scene_seed_base: int = TRAIN_SEED_BASE
+    checkpoint_every: int = 25  # steps between mid-epoch last.pth writes
+    lr_min_ratio: float = 0.05  # the cosine ends at lr * lr_min_ratio
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "steps_per_epoch", "batch_size", "width", "height", "n_scenes",
+                    "views_per_scene", "window", "val_scenes", "val_pairs", "checkpoint_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"train.{name} = {value!r} is not accepted; expected an integer >= 1")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ConfigError(f"train.{name} = {value!r} is not accepted; expected a number > 0")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay = {self.weight_decay!r} is not accepted; expected a number >= 0")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps = {self.warmup_steps!r} is not accepted; expected an integer >= 0")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ConfigError(f"train.patience = {self.patience!r} is not accepted; expected an integer >= 1 or null")
+        if self.width % 16 or self.height % 16:
+            raise ConfigError(f"train.width x height = {self.width}x{self.height} is not accepted; expected multiples of 16")
+        if self.views_per_scene < 2:
+            raise ConfigError(f"train.views_per_scene = {self.views_per_scene} is not accepted; expected >= 2")
+        if not 0.0 <= self.stereo_fraction <= 1.0:
+            raise ConfigError(f"train.stereo_fraction = {self.stereo_fraction!r} is not accepted; expected 0..1")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ConfigError(f"train.lr_min_ratio = {self.lr_min_ratio!r} is not accepted; expected 0..1")
+        # Training scenes must stay inside the training range: below it lie the workload's
+        # seeds, above it the validation (2,000,000+) and calibration (3,000,000+) ones.
+        if self.scene_seed_base < TRAIN_SEED_BASE or self.scene_seed_base + self.n_scenes > VAL_SEED_BASE:
+            raise ConfigError(
+                f"train.scene_seed_base = {self.scene_seed_base} with {self.n_scenes} scenes leaves the training "
+                f"seed range; accepted: seeds in [{TRAIN_SEED_BASE}, {VAL_SEED_BASE})"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainSpec":
+        from pqk.yaml_io import dataclass_from_mapping
+
+        return dataclass_from_mapping(cls, data, "train")
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def scaled(self, budget: float) -> "TrainSpec":
+        """The same spec with the epoch count (and the scene pool, never above its size at
+        budget 1) multiplied by `budget`: the knob that makes the embedded default fast."""
+        if not budget > 0 or not math.isfinite(budget):
+            raise ConfigError(f"budget = {budget!r} is not accepted; expected a number > 0")
+        return replace(
+            self,
+            epochs=max(1, round(self.epochs * budget)),
+            n_scenes=max(2, round(self.n_scenes * min(1.0, budget))),
+        )
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # best-epoch weights loaded
+    history: list[dict]  # one dict per epoch
+    best_epoch: int
+    stopped_early: bool
+    wall_time_s: float  # across resumes
+    log_path: Path
+    best_val: dict = field(default_factory=dict)
+    steps_done: int = 0
+    world_size: int = 1
+    skipped_steps: int = 0  # non-finite gradients: the optimizer step was skipped
+
+
+# --- distributed helpers --------------------------------------------------------------------
+
+
+def init_distributed(timeout_s: float = 7200.0) -> tuple[int, int]:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE in the environment):
+    NCCL when CUDA is available, gloo otherwise. -> (rank, world size); (0, 1) alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # Long timeout: rank 0 evaluates between runs while the others wait at the next collective.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _default_device() -> str:
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def _gather(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _training_scenes(seed_base: int, count: int, width: int, height: int, views: int, stereo_fraction: float) -> list:
+    # Cached (one pool): the runs of a grid train on the same scenes, generated once.
+    return _scenes(seed_base, count, Stage(width, height, 1, 1, 0.0, count, stereo_fraction), views)
+
+
+@functools.lru_cache(maxsize=1)
+def _validation(width: int, height: int, n_scenes: int, n_pairs: int, views: int, window: int, seed: int) -> list[dict]:
+    recipe = TeacherRecipe(val_scenes=n_scenes, val_pairs=n_pairs, views_per_scene=views, window=window, seed=seed)
+    return _val_examples(Stage(width, height, 1, 1, 0.0, n_scenes), recipe)
+
+
+def training_scenes(spec: TrainSpec) -> list:
+    return _training_scenes(spec.scene_seed_base, spec.n_scenes, spec.width, spec.height,
+                            spec.views_per_scene, float(spec.stereo_fraction))
+
+
+def validation_examples(spec: TrainSpec) -> list[dict]:
+    """Held-out pairs (validation seed range), the same for every run with this shape."""
+    return _validation(spec.width, spec.height, spec.val_scenes, spec.val_pairs, spec.views_per_scene, spec.window, spec.seed)
+
+
+def _to(d: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in d.items()}
+
+
+class _OnDevice(nn.Module):
+    """Lets `pqk.train.teacher.validate` (CPU tensors in, numpy metrics out) score a model that
+    lives on a GPU: inputs go to the device, outputs come back to the CPU."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device = model, device
+
+    def forward(self, view1: dict, view2: dict):
+        res1, res2 = self.model(_to(view1, self.device), _to(view2, self.device))
+        return ({k: v.float().cpu() for k, v in res1.items()}, {k: v.float().cpu() for k, v in res2.items()})
+
+
+def _validate(model: nn.Module, examples: list[dict], device: torch.device) -> dict[str, float]:
+    return validate(model if device.type == "cpu" else _OnDevice(model, device), examples)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _rng_state(sampler: PairSampler, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy_sampler": sampler.state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, sampler: PairSampler, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    sampler.set_state(state["numpy_sampler"])
+    random.setstate(_as_tuple(state["python"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _spec_key(spec: TrainSpec) -> dict:
+    # What must match for a checkpoint to continue this run exactly.
+    return asdict(spec)
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def _progress(show: bool, name: str, total: int):
+    if not show:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    progress.start()
+    progress.add_task(name, total=total, info="")
+    return progress
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional dependency
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
+def _short(logs: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.3g}" for k, v in logs.items())
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    spec: TrainSpec,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    extra_modules: dict[str, nn.Module] | None = None,
+    log: Callable[[str], None] = print,
+    show_progress: bool = True,
+    name: str = "train",
+    device: str | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train `model` (and `extra_modules`, e.g. feature projections) to minimise `loss_fn`.
+
+    Continues from `out_dir/last.pth` when `resume` and it exists (a finished run returns at
+    once). Returns the model with its best-epoch weights loaded. `on_step(step, logs)` is
+    called after every optimizer step (tests use it to kill a run)."""
+    out_dir = Path(out_dir)
+    rank, world = _dist_info()
+    main = rank == 0
+    dev = torch.device(device or _default_device())
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / f"{name}_log.json"
+
+    torch.manual_seed(spec.seed)
+    extras = nn.ModuleDict(extra_modules or {})
+    model.to(dev)
+    extras.to(dev)
+    params = [p for p in list(model.parameters()) + list(extras.parameters()) if p.requires_grad]
+    extra_params = [p for p in extras.parameters() if p.requires_grad]
+    # Betas as the teacher's recipe (and DUSt3R's): 0.95 reacts faster on short schedules.
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
+
+    total = spec.total_steps
+    warmup = min(spec.warmup_steps, total // 5)  # a scaled-down run still spends most steps at full lr
+    step, history, elapsed, skipped = 0, [], 0.0, 0
+    best_key, best_epoch, best_val, bad_epochs, stopped, finished = None, 0, {}, 0, False, False
+    epoch_sums: dict[str, float] = {}
+    rng_states = None
+    best_state = None
+
+    state = None
+    if not resume and main:
+        # Starting over: a stale best.pth must never stand in for this run's best epoch.
+        for stale in (last_path, best_path):
+            stale.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()  # nobody reads last.pth while rank 0 may still be removing it
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("spec") != _spec_key(spec):
+            changed = sorted(k for k, v in _spec_key(spec).items() if state.get("spec", {}).get(k) != v)
+            raise ConfigError(
+                f"{last_path} belongs to a run with another training spec ({', '.join(changed) or 'unknown'} differ); "
+                "resume it with the same settings, or start over (--no-resume / another --out)"
+            )
+        if state.get("world_size", 1) != world:
+            raise ConfigError(f"{last_path} was written by {state.get('world_size')} processes, this run has {world}; "
+                              "resume with the same number of processes")
+        model.load_state_dict(state["model"])
+        extras.load_state_dict(state["extra"])
+        opt.load_state_dict(state["optimizer"])
+        step, history, elapsed, skipped = state["step"], state["history"], state["elapsed_s"], state["skipped_steps"]
+        best_key, best_epoch, best_val = state["best_key"], state["best_epoch"], state["best_val"]
+        bad_epochs, stopped, finished = state["bad_epochs"], state["stopped"], state["finished"]
+        epoch_sums, rng_states = state["epoch_sums"], state["rng"]
+        if best_path.exists():
+            best_state = torch.load(best_path, map_location="cpu", weights_only=True)
+        log(f"{name}: resuming at step {step}/{total} (epoch {step // spec.steps_per_epoch + 1})"
+            + (" — already finished" if finished else ""))
+
+    if not finished:
+        t_run = time.perf_counter()
+        scenes = training_scenes(spec)
+        # Each rank draws its own pairs: the effective batch is world x batch_size.
+        sampler = PairSampler(scenes, window=spec.window, seed=spec.seed + 7919 * rank)
+        if rng_states is not None:
+            _set_rng_state(rng_states[rank], sampler, dev)
+        val = validation_examples(spec) if main else []
+        wrapped: nn.Module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # find_unused_parameters: DUSt3R's mask_token (training-only) never gets a gradient.
+            wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+        model.train()
+        extras.train()
+        progress = _progress(show_progress and main, name, total)
+        if progress is not None:
+            progress.update(progress.task_ids[0], completed=step)
+        writer = _tensorboard(out_dir) if main else None
+
+        def checkpoint(epoch_done: bool) -> None:
+            rngs = _gather(_rng_state(sampler, dev), world)
+            if not main:
+                return
+            _atomic_save({
+                "spec": _spec_key(spec), "world_size": world, "model": model.state_dict(), "extra": extras.state_dict(),
+                "optimizer": opt.state_dict(), "step": step, "history": history,
+                "elapsed_s": elapsed + time.perf_counter() - t_run, "skipped_steps": skipped,
+                "best_key": best_key, "best_epoch": best_epoch, "best_val": best_val, "bad_epochs": bad_epochs,
+                "stopped": stopped, "finished": finished, "epoch_sums": {} if epoch_done else epoch_sums, "rng": rngs,
+            }, last_path)
+
+        try:
+            while not finished:
+                epoch = step // spec.steps_per_epoch  # 0-based
+                epoch_end = (epoch + 1) * spec.steps_per_epoch
+                while step < epoch_end:
+                    lr = warmup_cosine(step, total, warmup, spec.lr, spec.lr * spec.lr_min_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    view1, view2, gt = (_to(d, dev) for d in sampler.batch(spec.batch_size))
+                    loss, logs = loss_fn(wrapped, view1, view2, gt, step / total)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if world > 1:
+                        # DDP averages the model's gradients; extra modules are averaged here.
+                        for p in extra_params:
+                            if p.grad is not None:
+                                dist.all_reduce(p.grad)
+                                p.grad /= world
+                    norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                    if torch.isfinite(norm):
+                        opt.step()
+                    else:  # identical on every rank (gradients are already averaged)
+                        skipped += 1
+                        opt.zero_grad(set_to_none=True)
+                    step += 1
+                    logs = {**logs, "lr": lr}
+                    for k, v in logs.items():
+                        epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
+                    epoch_sums["_n"] = epoch_sums.get("_n", 0.0) + 1
+                    if progress is not None:
+                        progress.update(progress.task_ids[0], completed=step, info=_short({k: v for k, v in logs.items() if k != "lr"}))
+                    if writer is not None:
+                        for k, v in logs.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                    if on_step is not None:
+                        on_step(step, logs)
+                    if step % spec.checkpoint_every == 0 and step < epoch_end:
+                        checkpoint(epoch_done=False)
+
+                # --- end of epoch: validate (rank 0), decide, checkpoint
+                metrics = _validate(model, val, dev) if main else None
+                metrics = _broadcast(metrics, world)
+                key = metrics["absrel"] if math.isfinite(metrics["absrel"]) else math.inf
+                improved = best_key is None or key < best_key
+                n = max(1.0, epoch_sums.pop("_n", 1.0))
+                entry = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v / n for k, v in epoch_sums.items()},
+                         **{f"val_{k}": v for k, v in metrics.items()}, "best": improved,
+                         "elapsed_s": round(elapsed + time.perf_counter() - t_run, 1)}
+                history.append(entry)
+                epoch_sums = {}
+                if improved:
+                    best_key, best_epoch, best_val, bad_epochs = key, epoch + 1, dict(metrics), 0
+                    best_state = {"model": _cpu_state(model), "extra": _cpu_state(extras), "epoch": epoch + 1, "val": dict(metrics)}
+                    if main:
+                        _atomic_save(best_state, best_path)
+                else:
+                    bad_epochs += 1
+                stopped = spec.patience is not None and bad_epochs >= spec.patience and epoch + 1 < spec.epochs
+                finished = stopped or epoch + 1 >= spec.epochs
+                log(f"{name}: epoch {epoch + 1}/{spec.epochs} train {_short({k[6:]: v for k, v in entry.items() if k.startswith('train_') and k != 'train_lr'})}"
+                    f" | val absrel {metrics['absrel']:.4f} δ1 {metrics['delta1']:.4f}" + (" (best)" if improved else "")
+                    + (f" — early stop (no better val absrel for {bad_epochs} epochs)" if stopped else ""))
+                if writer is not None:
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"val/{k}", v, step)
+                checkpoint(epoch_done=True)
+                if main:
+                    _write_log(log_path, name, spec, world, history, best_epoch, best_val, stopped, finished,
+                               elapsed + time.perf_counter() - t_run, skipped, step)
+        finally:
+            if progress is not None:
+                progress.stop()
+            if writer is not None:
+                writer.close()
+        elapsed += time.perf_counter() - t_run
+
+    if best_state is not None:
+        model.load_state_dict(best_state["model"])
+        extras.load_state_dict(best_state["extra"])
+    model.eval()
+    wall = elapsed  # training time proper (scene generation included), summed over resumes
+    if main:
+        _write_log(log_path, name, spec, world, history, best_epoch, best_val, stopped, True, wall, skipped, step)
+    return FitResult(model=model, history=history, best_epoch=best_epoch, stopped_early=stopped, wall_time_s=wall,
+                     log_path=log_path, best_val=best_val, steps_done=step, world_size=world, skipped_steps=skipped)
+
+
+def _write_log(path: Path, name: str, spec: TrainSpec, world: int, history: list, best_epoch: int, best_val: dict,
+               stopped: bool, finished: bool, wall: float, skipped: int, step: int) -> None:
+    payload = {
+        "name": name, "spec": asdict(spec), "world_size": world, "steps_done": step, "total_steps": spec.total_steps,
+        "best_epoch": best_epoch, "best_val": best_val, "stopped_early": stopped, "finished": finished,
+        "wall_time_s": round(wall, 2), "skipped_steps": skipped, "history": history,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    tmp.replace(path)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (loss functions reach it this way)."""
+    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+
+
+__all__ = ["FitResult", "LossFn", "TrainSpec", "fit", "init_distributed", "training_scenes", "unwrap",
+           "validation_examples"]
