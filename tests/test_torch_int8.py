@@ -107,3 +107,20 @@ def test_missing_or_foreign_file_is_an_input_error(made, tmp_path: Path) -> None
     other = build_model(**{**TINY, "enc_embed_dim": 32, "dec_embed_dim": 32})
     with pytest.raises(InputError, match="no quantized Linear"):
         int8_model_from_qdq(other, made[1]["onnx_int8"])
+
+
+def test_dpt_head_convolutions_run_in_bf16_and_stay_close(views) -> None:
+    from pqk.backends.torch_int8 import Bf16Autocast, bf16_dpt_heads
+
+    torch.manual_seed(0)
+    model = build_model(**{**TINY, "head_type": "dpt", "dec_depth": 10}).eval()
+    import copy
+
+    fast = copy.deepcopy(model)
+    assert bf16_dpt_heads(fast) == 2 and isinstance(fast.downstream_head1.dpt, Bf16Autocast)
+    assert bf16_dpt_heads(fast) == 0  # idempotent
+    with torch.inference_mode():
+        a, b = model(*views)[0], fast(*views)[0]
+    assert b["pts3d"].dtype == torch.float32
+    assert 0 < _rel(b["pts3d"], a["pts3d"]) < 0.05
+    assert bf16_dpt_heads(build_model(**TINY)) == 0  # linear heads: nothing to wrap

@@ -12,7 +12,8 @@ Differences from ONNX Runtime, by design: a Linear's output is returned in float
 Runtime may re-quantize it before the next float op), the 16x16 patch-embedding Conv stays
 float, and with `bf16_attention` the activation-only part of attention (q·kᵀ, softmax, ·v)
 runs in bf16 (kept out of INT8 by the keep-list; bf16 is what makes it stop being the
-bottleneck once the Linears are INT8).
+bottleneck once the Linears are INT8), and so do a DPT head's convolutions (ONNX Runtime runs
+them from the file's int8 Conv weights; here they stay float weights computed in bf16).
 """
 
 from __future__ import annotations
@@ -232,16 +233,44 @@ def int8_model_from_qdq(
         converted.append(name)
     if not converted:
         raise InputError(f"{qdq_path} has no quantized Linear layer that matches this model's modules")
+    bf16_heads = 0
     if bf16_attention:
         set_attention_dtype(out, torch.bfloat16)
+        bf16_heads = bf16_dpt_heads(out)
     report = {
-        "runtime": "torch oneDNN int8" + (" + bf16 attention" if bf16_attention else ""),
+        "runtime": "torch oneDNN int8" + (" + bf16 attention" if bf16_attention else "")
+        + (" + bf16 DPT heads" if bf16_heads else ""),
         "int8_linears": len(converted),
         "merged_calls": sorted(k for k in converted if len(params[k]["calls"]) > 1),
         "float_linears": kept,
         "source": str(qdq_path),
     }
     return out, report
+
+
+class Bf16Autocast(nn.Module):
+    """Runs a float sub-network (the DPT head's convolutions) under bf16 autocast, float32 out."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.inner(*args, **kwargs)
+        return out.float() if torch.is_tensor(out) else out
+
+
+def bf16_dpt_heads(model: nn.Module) -> int:
+    """Wrap each DPT head's adapter (all convolutions, no Linear to quantize) in bf16 autocast;
+    its output is cast back before the float post-processing (exp of depth and confidence)."""
+    count = 0
+    for name in ("downstream_head1", "downstream_head2"):
+        head = getattr(model, name, None)
+        if head is not None and hasattr(head, "dpt") and not isinstance(head.dpt, Bf16Autocast):
+            head.dpt = Bf16Autocast(head.dpt)
+            count += 1
+    return count
 
 
 def set_attention_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
