@@ -50,7 +50,7 @@ def test_quantize_writes_records_for_each_runtime_and_qat(tmp_path, setup):
         assert (row["bits_w"], row["bits_a"], row["keep_list"]) == ("8", "8", "Softmax+attention_scale+LayerNorm")
         assert row["params_M"] == teacher["params_M"] and row["flops_G"] == teacher["flops_G"]  # counted on the float model
         assert float(row["size_MB"]) < float(teacher["size_MB"])
-        assert "gate P2:" in row["notes"] and "runtime:" in row["notes"]
+        assert "gate P2:" in row["notes"] and "runtime:" in row["notes"] and "no TensorRT here" in row["notes"]
     payload = json.loads((out / "Q_PTQ_onednn_run1_eval.json").read_text())
     assert payload["details"]["runtime"].startswith("torch oneDNN int8 + bf16 attention")
     gate = payload["details"]["gate"]
@@ -75,3 +75,12 @@ def test_bad_options_are_one_line(tmp_path, setup, args, message):
                   "--out", str(tmp_path / "o"), *args)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_tensorrt_absent_is_a_note_not_an_error(tmp_path) -> None:
+    from pqk.backends.tensorrt_engine import build_engine, tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    engine, note = build_engine(tmp_path / "missing.onnx", tmp_path / "x.trt")
+    assert engine is None and note.startswith("no TensorRT here")

@@ -185,6 +185,11 @@ def ptq(
             int8_model, details["onednn"] = int8_model_from_qdq(model, result["onnx_int8"], bf16_attention=run.bf16_attention)
         else:
             notes.append("no oneDNN INT8 kernels in this PyTorch: runtime onednn skipped")
+    from pqk.backends.tensorrt_engine import ENGINE_NAME, build_engine
+
+    engine, engine_note = build_engine(result["onnx_int8"], out_dir / ENGINE_NAME)
+    notes.append(engine_note)
+    details["tensorrt_engine"] = None if engine is None else str(engine)
     ctx.log("latency side by side")
     details["latency_side_by_side"] = side_by_side_latency(
         model, result["onnx_fp32"], result["onnx_int8"], int8_model, height, width, run.latency_rounds
@@ -243,7 +248,7 @@ def qat_after_ptq(
 
         int8_model, details["onednn"] = int8_model_from_qdq(exported["float_model"], exported["onnx_int8"],
                                                             bf16_attention=run.bf16_attention)
-    notes = [*notes, f"QAT {fit.steps_done} steps after PTQ"]
+    notes = [*ptq_outcome.notes, f"QAT {fit.steps_done} steps after PTQ"]
     hours = ptq_outcome.device_hours + (time.perf_counter() - start) / 3600.0
     return PtqOutcome(exported["float_model"], Path(exported["onnx_fp32"]), Path(exported["onnx_int8"]), int8_model,
                       dict(ptq_outcome.record_fields), details, notes, hours)
