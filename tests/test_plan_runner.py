@@ -52,6 +52,7 @@ def project(tmp_path_factory) -> Path:
             {"id": "Q", "steps": [{"method": "quantize", "config": "quant.yaml", "qat": "never"}]},
             {"id": "KQ", "steps": [{"method": "distill", "config": "distill.yaml", "run": "K-1"},
                                    {"method": "quantize", "config": "quant.yaml", "qat": "never"}]},
+            {"id": "P", "steps": [{"method": "prune", "config": "prune.yaml", "rho": 0.3}]},
         ],
     }
     (root / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
@@ -72,7 +73,7 @@ def test_plans_parse_and_dependencies_are_derived(project) -> None:
     plan = load_plan(project / "plan.yaml")
     by_id = {e.id: e for e in plan.experiments}
     assert [e.id for e in plan.prefixes(by_id["KQ"])] == ["baseline", "K"]
-    assert (by_id["K"].stage, by_id["Q"].stage, by_id["KQ"].stage) == ("P1", "P2", "P3")
+    assert (by_id["K"].stage, by_id["Q"].stage, by_id["KQ"].stage, by_id["P"].stage) == ("P1", "P2", "P3", "P4")
     assert by_id["KQ"].combo == "KQ"
     for name in ("minimal", "medium", "best"):
         shipped = load_plan(Path("configs/plans") / f"{name}.yaml")
@@ -94,7 +95,9 @@ def test_plan_runs_caches_and_resumes_after_a_kill(project, tmp_path) -> None:
     assert clean.returncode == 0, err[-3000:]
     run_dir = tmp_path / "clean" / "tiny"
     table = _table(run_dir / "result_table.csv")
-    assert set(table) == {"P0_teacher_run1", "K_K1_run1", "Q_PTQ_run1", "KQ_PTQ_run1"}
+    assert set(table) == {"P0_teacher_run1", "K_K1_run1", "Q_PTQ_run1", "KQ_PTQ_run1", "P_r030_run1"}
+    assert table["P_r030_run1"]["rho"] == "0.3"
+    assert float(table["P_r030_run1"]["params_M"]) < float(table["P0_teacher_run1"]["params_M"])
     rows = {r["exp_id"]: r for r in csv.DictReader((run_dir / "result_table.csv").open())}
     assert rows["KQ_PTQ_run1"]["bits_w"] == "8" and rows["KQ_PTQ_run1"]["T"] == "3.0"
     assert float(rows["K_K1_run1"]["params_M"]) < float(rows["P0_teacher_run1"]["params_M"])
@@ -105,7 +108,7 @@ def test_plan_runs_caches_and_resumes_after_a_kill(project, tmp_path) -> None:
     log = [json.loads(line) for line in (run_dir / "execution_log.jsonl").read_text().splitlines()]
     assert {"date", "task_id", "input", "output", "verdict", "gpu_hours", "notes"} <= set(log[0])
     status = json.loads((run_dir / "status.json").read_text())
-    assert [e["state"] for e in status["experiments"]] == ["done"] * 4
+    assert [e["state"] for e in status["experiments"]] == ["done"] * 5
 
     # Rerun: everything cached, nothing trained or measured again.
     again = _run(project, tmp_path / "clean")

@@ -691,21 +691,23 @@ def _prune_onnx_check(model, onnx_path: Path, workload, scenes: dict) -> dict:
 def _print_prune_summary(reference, rows: list) -> None:
     from rich.table import Table
 
-    table = Table(title="P4 pruning vs the teacher (torch eager fp32)")
+    table = Table(title="P4 pruning vs the teacher (torch eager fp32)", box=None, padding=(0, 1))
     for col in ("exp_id", "params M", "GFLOPs", "size MB", "p50 ms", "absrel", "δ1", "FLOPs cut", "p50 cut", "gate"):
-        table.add_column(col, justify="left" if col in ("exp_id", "gate") else "right")
+        table.add_column(col, justify="left" if col in ("exp_id", "gate") else "right", no_wrap=True)
 
     def cells(rec) -> list[str]:
         return [f"{rec.params_M:.3f}", f"{rec.flops_G:.2f}", f"{rec.size_MB:.2f}", f"{rec.t_pair_p50_ms:.0f}",
                 f"{rec.absrel:.4f}", f"{rec.delta1:.4f}"]
 
-    table.add_row(reference.exp_id, *cells(reference), "—", "—", "reference")
+    table.add_row(reference.exp_id, *cells(reference), "—", "—", "ref")
     for rec, gate, cut in rows:
-        verdict = gate["verdict"] if gate else "—"
+        table.add_row(rec.exp_id, *cells(rec), f"{cut['flops_G']:.0%}", f"{cut['t_pair_p50_ms']:.0%}",
+                      gate["verdict"] if gate else "—")
+    # Piped output defaults to 80 columns, too narrow for ten columns: widen it (a terminal keeps its own).
+    (out if out.is_terminal else Console(highlight=False, width=112)).print(table)
+    for rec, gate, _ in rows:
         if gate and gate["reasons"]:
-            verdict += ": " + "; ".join(gate["reasons"])
-        table.add_row(rec.exp_id, *cells(rec), f"{cut['flops_G']:.0%}", f"{cut['t_pair_p50_ms']:.0%}", verdict)
-    out.print(table)
+            out.print(f"{rec.exp_id}: gate P4 stop ({'; '.join(gate['reasons'])})")
 
 
 # --- pqk distill ----------------------------------------------------------------------------

@@ -101,11 +101,12 @@ def side_by_side_latency(
 
     calls["torch eager fp32"] = eager
     calls["torch eager bf16 (autocast)"] = bf16
+    threads = torch.get_num_threads()  # every runtime gets the same threads
     if onnx_fp32 is not None:
-        ort_fp32 = OrtPairRunner(onnx_fp32)
+        ort_fp32 = OrtPairRunner(onnx_fp32, threads=threads)
         calls["onnxruntime fp32"] = lambda: ort_fp32(view1, view2)
     if onnx_int8 is not None:
-        ort_int8 = OrtPairRunner(onnx_int8)
+        ort_int8 = OrtPairRunner(onnx_int8, threads=threads)
         calls["onnxruntime int8 (QDQ)"] = lambda: ort_int8(view1, view2)
     if int8_model is not None:
         def onednn():

@@ -75,14 +75,28 @@ def teacher_reference(
     """The teacher's P0 record on this workload: read from <out>/teacher_eval.json when it was
     measured on the same data, measured (and written) otherwise."""
     path = Path(ctx.out_dir) / TEACHER_EVAL
+    weights = _weights_hash(teacher)
     if path.is_file():
         try:
             payload = json.loads(path.read_text())
-            if payload["details"]["workload"]["data_hash"] == ctx.workload.data_hash:
+            same_data = payload["details"]["workload"]["data_hash"] == ctx.workload.data_hash
+            if same_data and payload["details"].get("weights_sha256") == weights:
                 return record_from_row(payload["record"])
         except (KeyError, ValueError, TypeError):
-            pass  # unreadable or from another workload: measure again
+            pass  # unreadable, another workload or another model: measure again
     evaluation = evaluate(teacher, ctx.workload, backend="torch", device=ctx.device, exp_id="P0_teacher_run1",
                           combo="teacher", artifact=artifact, options=options, progress=progress, scenes=scenes)
+    evaluation.details["weights_sha256"] = weights
     write_evaluation(evaluation, ctx.out_dir, TEACHER_EVAL)
     return evaluation.record
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    """Identity of a model's weights (which teacher a stored reference record measured)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -135,6 +135,18 @@ def _run_method(step: PlanStep, model: torch.nn.Module, ctx: StepContext) -> tup
     return result, {"float_model": outcome.details.get("qat", {}).get("checkpoint")}
 
 
+def _trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A step's own copy of its input: steps may change a model in place, and distillation
+    freezes the teacher's parameters (a frozen model is invisible to pruning's dependency
+    graph, which follows autograd)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out
+
+
 def _save_done(step_dir: Path, result: StepResult, rebuild: dict, method: str) -> None:
     payload = {
         "method": method, "artifact": str(result.artifact), "fields": result.fields, "device_hours": result.device_hours,
@@ -214,7 +226,7 @@ class PlanRunner:
             else:
                 self.log(f"{exp.id}: step {k + 1}/{len(exp.steps)} {step.describe()}")
                 start = time.perf_counter()
-                result, rebuild = _run_method(step, model, self._ctx(step_dir))
+                result, rebuild = _run_method(step, _trainable_copy(model), self._ctx(step_dir))
                 _save_done(step_dir, result, rebuild, step.method)
                 _append_log(self.run_dir, {"task_id": f"{exp.id}/{k + 1}:{step.method}", "input": step.describe(),
                                            "output": str(result.artifact), "verdict": "done",
