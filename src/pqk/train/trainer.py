@@ -75,8 +75,8 @@ class TrainSpec:
     val_scenes: int = 4
     val_pairs: int = 16
     seed: int = 42
-    # Share of training scenes seen by the rectified stereo rig (the teacher's last stage
-    # used half: real pairs such as Middlebury's are sideways translations).
+    # Share of training scenes seen by the rectified stereo rig (real pairs such as
+    # Middlebury's are sideways translations, which the arc of the teacher's scenes lacks).
     stereo_fraction: float = 0.5
     scene_seed_base: int = TRAIN_SEED_BASE
     checkpoint_every: int = 25  # steps between mid-epoch last.pth writes
