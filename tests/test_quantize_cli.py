@@ -84,3 +84,17 @@ def test_tensorrt_absent_is_a_note_not_an_error(tmp_path) -> None:
         pytest.skip("TensorRT is installed here")
     engine, note = build_engine(tmp_path / "missing.onnx", tmp_path / "x.trt")
     assert engine is None and note.startswith("no TensorRT here")
+
+
+def test_plan_step_measures_the_fastest_runtime() -> None:
+    from pathlib import Path
+
+    from pqk.methods.quantize_step import PtqOutcome, fastest_runtime
+
+    def outcome(ort_ms: float, onednn_ms: float) -> PtqOutcome:
+        variants = {"onnxruntime int8 (QDQ)": {"p50_ms": ort_ms}, "torch oneDNN int8 + bf16 attention": {"p50_ms": onednn_ms}}
+        return PtqOutcome(None, Path("a"), Path("b"), object(), {}, {"latency_side_by_side": {"variants": variants}}, [], 0.0)
+
+    assert fastest_runtime(outcome(170.0, 273.0), ("onednn", "onnxruntime")) == "onnxruntime"
+    assert fastest_runtime(outcome(300.0, 120.0), ("onednn", "onnxruntime")) == "onednn"
+    assert fastest_runtime(outcome(170.0, 120.0), ("onnxruntime",)) == "onnxruntime"
