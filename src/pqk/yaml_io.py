@@ -21,6 +21,15 @@ def read_yaml(path: Path, what: str, hint: str = "", invalid: type[PqkError] = I
         raise invalid(f"{what} {path} is not valid YAML ({str(exc).strip().splitlines()[0]})") from None
 
 
+def reject_unknown_keys(what: str, data: Any, known: set[str]) -> None:
+    """One-line ConfigError naming every unknown key of a config mapping and the accepted ones."""
+    from pqk.errors import ConfigError
+
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+
+
 def dataclass_from_mapping(cls, data, what: str):
     """`cls(**data)` for a config dataclass, with one-line errors for a non-mapping and for
     unknown keys (naming the accepted ones); the dataclass validates values itself."""

@@ -190,7 +190,8 @@ def qdq_linear_params(qdq_path: str | Path, module_names=None) -> dict[str, dict
     return found
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `path` of `root` by `module`."""
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, leaf, module)
@@ -226,7 +227,7 @@ def int8_model_from_qdq(
         bias_t = torch.from_numpy(bias) if bias is not None else (None if module.bias is None else module.bias.detach())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _set_module(out, name, Int8Linear(
+            set_module(out, name, Int8Linear(
                 torch.from_numpy(entry["weight_int8"]), torch.from_numpy(entry["weight_scale"]), bias_t,
                 entry["input_scale"], entry["input_zero_point"],
             ))

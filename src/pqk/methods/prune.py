@@ -63,7 +63,7 @@ from pqk.models.dust3r.model import (
     count_parameters,
     merge_heads,
 )
-from pqk.yaml_io import read_yaml
+from pqk.yaml_io import read_yaml, reject_unknown_keys
 
 IMPORTANCES = ("l1", "taylor")
 ALLOCATIONS = ("sensitivity", "uniform")
@@ -114,7 +114,7 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, Mapping):
-            _reject_unknown_keys("calibration", self.calibration, set(PruneCalibSpec.__dataclass_fields__))
+            reject_unknown_keys("calibration", self.calibration, set(PruneCalibSpec.__dataclass_fields__))
             self.calibration = PruneCalibSpec(**dict(self.calibration))
         _check_spec(self)
 
@@ -122,7 +122,7 @@ class PruneSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> PruneSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a pruning spec must be a mapping; got {type(data).__name__}")
-        _reject_unknown_keys("pruning spec", data, set(cls.__dataclass_fields__))
+        reject_unknown_keys("pruning spec", data, set(cls.__dataclass_fields__))
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,11 +203,6 @@ def train_spec(spec: PruneSpec):
 
     return TrainSpec.from_dict({"seed": spec.seed, **dict(spec.finetune)})
 
-
-def _reject_unknown_keys(what: str, data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(str(k) for k in data if k not in known)
-    if unknown:
-        raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
 
 
 def load_prune_spec(path: str | Path) -> PruneSpec:

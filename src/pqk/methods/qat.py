@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pqk.backends.torch_int8 import qdq_linear_params
+from pqk.backends.torch_int8 import qdq_linear_params, set_module
 from pqk.train.losses import conf_regression_loss, normalize_pair
 
 QAT_ON_FROM = 2.0 / 3.0  # fake quantization for the last third of training (protocol Q-2)
@@ -64,11 +64,6 @@ class FakeQuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, x_scale={float(self.input_scale):.3g}"
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, leaf, module)
-
-
 def prepare_qat(model: nn.Module, ptq_onnx: str | Path) -> nn.Module:
     """A copy of `model` whose Linears quantized in the PTQ file are `FakeQuantLinear`s with
     that file's activation scales."""
@@ -77,7 +72,7 @@ def prepare_qat(model: nn.Module, ptq_onnx: str | Path) -> nn.Module:
     for name, module in list(qat.named_modules()):
         entry = params.get(name)
         if isinstance(module, nn.Linear) and entry is not None:
-            _set_module(qat, name, FakeQuantLinear(module, entry["input_scale"], entry["input_zero_point"]))
+            set_module(qat, name, FakeQuantLinear(module, entry["input_scale"], entry["input_zero_point"]))
     return qat
 
 
@@ -97,7 +92,7 @@ def strip_qat(model: nn.Module) -> nn.Module:
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         linear.weight = module.weight
         linear.bias = module.bias
-        _set_module(plain, name, linear)
+        set_module(plain, name, linear)
     return plain
 
 

@@ -56,7 +56,7 @@ from pqk.backends.onnx_export import (
 from pqk.data.images import normalize_array
 from pqk.data.scenes import generate_scene
 from pqk.errors import ConfigError, InputError
-from pqk.yaml_io import read_yaml
+from pqk.yaml_io import read_yaml, reject_unknown_keys
 
 # --- the spec -------------------------------------------------------------------------------
 
@@ -139,7 +139,7 @@ class QuantSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a quantization spec must be a mapping; got {type(data).__name__}")
-        _reject_unknown_keys("quantization spec", data, {f for f in cls.__dataclass_fields__})
+        reject_unknown_keys("quantization spec", data, {f for f in cls.__dataclass_fields__})
         return cls(**dict(data))
 
     @property
@@ -193,7 +193,7 @@ def _canonical_keep_list(keep_list: Any) -> list[str]:
 
 
 def _calibration_from_dict(data: Mapping[str, Any]) -> CalibrationSpec:
-    _reject_unknown_keys("calibration", data, set(CalibrationSpec.__dataclass_fields__))
+    reject_unknown_keys("calibration", data, set(CalibrationSpec.__dataclass_fields__))
     return CalibrationSpec(**dict(data))
 
 
@@ -218,11 +218,6 @@ def _check_seed_base(base: Any) -> None:
             f"evaluation workloads' and the teacher's training and validation scenes); got {base!r}"
         )
 
-
-def _reject_unknown_keys(what: str, data: Mapping[str, Any], known: set[str]) -> None:
-    unknown = sorted(str(k) for k in data if k not in known)
-    if unknown:
-        raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
 
 
 def load_quant_spec(path: str | os.PathLike[str]) -> QuantSpec:

@@ -119,8 +119,9 @@ def side_by_side_latency(
     return result
 
 
+# Each runtime's name in the side-by-side table, also the record's runtime label.
 RUNTIME_LATENCY_KEY = {"onnxruntime": "onnxruntime int8 (QDQ)", "onednn": "torch oneDNN int8 + bf16 attention"}
-RUNTIME_LABEL = {"onnxruntime": "onnxruntime int8 (QDQ)", "onednn": "torch oneDNN int8 + bf16 attention"}
+RUNTIME_LABEL = RUNTIME_LATENCY_KEY
 
 
 @dataclass
@@ -199,20 +200,28 @@ def ptq(
                       dict(result["record_fields"]), details, notes, (time.perf_counter() - start) / 3600.0)
 
 
-def auto_keep_groups(float_model: torch.nn.Module, outcome: PtqOutcome, ctx: StepContext, max_drop: float = 0.01,
-                     n_pairs: int = 8) -> dict:
-    """Probe each layer group of the PTQ model and choose the groups to keep in float
-    (`pqk.methods.auto_keep`), on held-out generated pairs at the workload's shape."""
+def heldout_examples(ctx: StepContext, n_pairs: int = 8) -> list[dict]:
+    """Neighbouring pairs of two validation-range scenes at the workload's shape: the held-out
+    set that Q's own decisions (auto-keep, QAT auto) are taken on, never the workload's pairs."""
     from pqk.data.pair_batches import pair_example, window_pairs
     from pqk.data.scenes import generate_scene
-    from pqk.methods.auto_keep import choose_float_groups, probe_groups
     from pqk.train.teacher import VAL_SEED_BASE
 
     height, width = workload_shape(ctx.workload)
     scenes = [generate_scene(VAL_SEED_BASE + 500 + k, n_views=4, width=width, height=height) for k in range(2)]
     pairs = [(s, i, j) for s in range(len(scenes)) for i, j in window_pairs(4, 1)][:n_pairs]
-    examples = [pair_example(scenes[s], i, j) for s, i, j in pairs]
-    probes = probe_groups(float_model, outcome.onnx_int8, examples, _pair_inputs(height, width), log=ctx.log)
+    return [pair_example(scenes[s], i, j) for s, i, j in pairs]
+
+
+def auto_keep_groups(float_model: torch.nn.Module, outcome: PtqOutcome, ctx: StepContext, max_drop: float = 0.01,
+                     n_pairs: int = 8) -> dict:
+    """Probe each layer group of the PTQ model and choose the groups to keep in float
+    (`pqk.methods.auto_keep`), on held-out generated pairs at the workload's shape."""
+    from pqk.methods.auto_keep import choose_float_groups, probe_groups
+
+    height, width = workload_shape(ctx.workload)
+    probes = probe_groups(float_model, outcome.onnx_int8, heldout_examples(ctx, n_pairs), _pair_inputs(height, width),
+                          log=ctx.log)
     chosen, reasons = choose_float_groups(probes, max_drop)
     return {"probes": probes, "float_groups": chosen, "reasons": reasons, "max_drop": max_drop}
 
@@ -231,7 +240,7 @@ def qat_after_ptq(
     out_dir = Path(ctx.out_dir)
     height, width = workload_shape(ctx.workload)
     qat_spec = QatSpec.from_dict(dict(spec.qat), ctx.budget)
-    spec, notes = (spec, []) if run.fixed_calibration else budget_calibration(spec, ctx.budget)
+    spec = spec if run.fixed_calibration else budget_calibration(spec, ctx.budget)[0]
     ctx.log(f"QAT: {qat_spec.train.epochs} epochs x {qat_spec.train.steps_per_epoch} steps, fake quantization "
             f"from {qat_spec.fake_quant_from:.0%} of the run")
     qat_model, fit = train_qat(ptq_outcome.float_model, ptq_outcome.onnx_int8, qat_spec, out_dir / "qat",
@@ -258,15 +267,10 @@ def qat_after_ptq(
 def heldout_delta1_drop(float_model: torch.nn.Module, int8_model: torch.nn.Module, ctx: StepContext, n_pairs: int = 8) -> dict:
     """δ1 of the FP32 and INT8 models on held-out generated pairs at the workload's shape (never
     the workload's pairs): what `--qat auto` decides on inside a plan, before `evaluate` runs."""
-    from pqk.data.pair_batches import pair_example, window_pairs
-    from pqk.data.scenes import generate_scene
     from pqk.pipeline.gates import quality_drop
-    from pqk.train.teacher import VAL_SEED_BASE, validate
+    from pqk.train.teacher import validate
 
-    height, width = workload_shape(ctx.workload)
-    scenes = [generate_scene(VAL_SEED_BASE + 500 + k, n_views=4, width=width, height=height) for k in range(2)]
-    pairs = [(s, i, j) for s in range(len(scenes)) for i, j in window_pairs(4, 1)][:n_pairs]
-    examples = [pair_example(scenes[s], i, j) for s, i, j in pairs]
+    examples = heldout_examples(ctx, n_pairs)
     # Batch 1: the ONNX Runtime model has the workload's static shape.
     ref = float(validate(float_model.eval(), examples, batch_size=1)["delta1"])
     new = float(validate(int8_model.eval(), examples, batch_size=1)["delta1"])

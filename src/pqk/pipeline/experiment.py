@@ -18,11 +18,11 @@ from pqk.pipeline.step import StepContext, StepResult
 TEACHER_EVAL = "teacher_eval.json"
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Path):
@@ -52,7 +52,7 @@ def measure_step(
     else:
         step_notes = list(step.notes)
     record.notes = "; ".join(filter(None, [*step_notes, record.notes]))
-    evaluation.details["step"] = _json_safe(step.details)
+    evaluation.details["step"] = json_safe(step.details)
     evaluation.details["gate"] = gate
     return evaluation, gate
 
@@ -62,7 +62,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: Path, name: str | None = N
     out_dir = Path(out_dir)
     payload = evaluation.to_json()
     if extra:
-        payload["details"].update(_json_safe(extra))
+        payload["details"].update(json_safe(extra))
     json_path = write_json(out_dir / (name or f"{evaluation.record.exp_id}_eval.json"), payload)
     csv_path = upsert_row(out_dir / "result_table.csv", evaluation.record)
     return json_path, csv_path

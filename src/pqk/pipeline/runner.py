@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from pqk.pipeline.evaluate import EvalOptions
-from pqk.pipeline.experiment import _json_safe, measure_step, teacher_reference, write_evaluation
+from pqk.pipeline.experiment import json_safe, measure_step, teacher_reference, write_evaluation
 from pqk.pipeline.plan import Experiment, Plan, PlanStep
 from pqk.pipeline.record import Record, atomic_write_text, exp_id as make_exp_id, now_iso, write_json
 from pqk.pipeline.gates import record_from_row
@@ -66,7 +66,7 @@ def _chain_key(base_key: str, steps: list[PlanStep]) -> str:
 
 def _append_log(run_dir: Path, entry: dict) -> None:
     with open(run_dir / LOG, "a") as f:
-        f.write(json.dumps(_json_safe({"date": now_iso(), **entry})) + "\n")
+        f.write(json.dumps(json_safe({"date": now_iso(), **entry})) + "\n")
 
 
 _KEEP_TAGS = {"Softmax": "SM", "attention_scale": "AS", "LayerNorm": "LN"}
@@ -151,7 +151,7 @@ def _save_done(step_dir: Path, result: StepResult, rebuild: dict, method: str) -
     payload = {
         "method": method, "artifact": str(result.artifact), "fields": result.fields, "device_hours": result.device_hours,
         "backend": result.backend, "onnx_path": None if result.onnx_path is None else str(result.onnx_path),
-        "runtime": result.runtime, "notes": result.notes, "details": _json_safe(result.details), "rebuild": rebuild,
+        "runtime": result.runtime, "notes": result.notes, "details": json_safe(result.details), "rebuild": rebuild,
     }
     atomic_write_text(step_dir / DONE, json.dumps(payload, indent=1))
 
@@ -275,6 +275,7 @@ class PlanRunner:
     def run(self) -> list[ExperimentStatus]:
         self._prepare()
         self.records: dict[str, Record] = {}
+        self.baseline: Record | None = None
         statuses: dict[str, ExperimentStatus] = {}
         start = time.perf_counter()
         for exp in self.plan.experiments:
@@ -296,6 +297,13 @@ class PlanRunner:
         write_json(self.run_dir / "status.json", summary)
         return list(statuses.values())
 
+    def _baseline(self) -> Record:
+        """The teacher's P0 record (measured once; teacher_reference reuses it from disk)."""
+        if self.baseline is None:
+            self.baseline = teacher_reference(self.teacher, self._ctx(self.run_dir), artifact=self.teacher_path,
+                                              options=self.options, scenes=self.scenes)
+        return self.baseline
+
     def _write_ablations(self, statuses: dict[str, ExperimentStatus]) -> None:
         """ablation_keep.json / ablation_calib.json / ablation_loss.json: the P5 groups' records."""
         groups: dict[str, list] = {}
@@ -313,13 +321,9 @@ class PlanRunner:
 
     def _run_experiment(self, exp: Experiment) -> ExperimentStatus:
         if not exp.steps:
-            record = teacher_reference(self.teacher, self._ctx(self.run_dir), artifact=self.teacher_path,
-                                       options=self.options, scenes=self.scenes, progress=None)
-            self.records[exp.id] = self.baseline = record
+            record = self._baseline()
+            self.records[exp.id] = record
             return ExperimentStatus(exp.id, record.exp_id, "done", "", [], record)
-        if not hasattr(self, "baseline"):
-            self.baseline = teacher_reference(self.teacher, self._ctx(self.run_dir), artifact=self.teacher_path,
-                                              options=self.options, scenes=self.scenes)
         key = _chain_key(self.base_key, exp.steps)
         last, results, entering = self._run_steps(exp)
         exp_id = self._exp_id(exp, last)
@@ -331,7 +335,7 @@ class PlanRunner:
             self.log(f"{exp.id}: measured before ({exp_id}), gate {gate.get('verdict', '-')}")
             return ExperimentStatus(exp.id, exp_id, "done", gate.get("verdict", ""), gate.get("reasons", []), cached)
         stage = exp.stage
-        reference = self._fp32_reference(exp, entering, _chain_key(self.base_key, exp.steps[:-1])) if stage == "P3" else self.baseline
+        reference = self._fp32_reference(exp, entering, _chain_key(self.base_key, exp.steps[:-1])) if stage == "P3" else self._baseline()
         latency_cut = None
         side = (last.details or {}).get("latency_side_by_side")
         if side:
