@@ -180,3 +180,16 @@ def test_cli_missing_folder_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "nope" in lines[0]
+
+
+def test_joint_table_sets_joint_beside_sequential():
+    from pqk.report.build import joint_table
+
+    pkq = Record("PKQ_PTQ_run1", "PKQ", params_M=2.5, size_MB=3.0, t_pair_p50_ms=100.0, delta1=0.80, gpu_hours=0.5)
+    pqk = Record("PQK_joint_r010_K1_run1", "PQK", params_M=2.4, size_MB=2.9, t_pair_p50_ms=90.0, delta1=0.82, gpu_hours=0.2)
+    fp32 = Record("PQK_joint_r010_K1_FP32_run1", "PQK", params_M=2.4, delta1=0.83)
+    assert joint_table([RECORDS[0], pkq]) is None  # no joint run: no section
+    table = joint_table([RECORDS[0], pkq, fp32, pqk])
+    assert [r[0] for r in table.rows] == ["PQK_joint_r010_K1_run1", "PKQ_PTQ_run1", "joint − sequential"]
+    diff = dict(zip(table.headers, table.rows[-1]))
+    assert diff["δ1 ↑"] == "0.02" and diff["GPU-h"] == "-0.3" and diff["p50 (ms)"] == "-10"

@@ -184,6 +184,22 @@ def train_qat(
     return trained.eval(), result
 
 
+def export_with_ranges(
+    plain: nn.Module, ranges: dict[str, tuple[float, float]], quant_spec: Any, calib: list, out_dir: str | Path,
+    height: int, width: int, name: str,
+) -> dict:
+    """A float model as a QDQ file through the PTQ path, with `ranges` (module path -> the
+    float range of its input) imposed on the Linear inputs instead of calibrated ones."""
+    from pqk.backends.onnx_export import export_onnx
+    from pqk.methods.quantize import quantize_ptq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(plain.eval(), out_dir / name.replace("int8", "fp32"), height, width)
+    summary = quantize_ptq(fp32, out_dir / name, quant_spec, calib, activation_ranges=ranges)
+    return {"onnx_int8": out_dir / name, "onnx_fp32": fp32, "summary": summary}
+
+
 def export_qat(
     qat_model: nn.Module, quant_spec: Any, calib: list, out_dir: str | Path, height: int, width: int,
     name: str = "qat_int8.onnx",
@@ -191,20 +207,14 @@ def export_qat(
     """The QAT model as a QDQ file (same form as PTQ's) with its own activation scales, plus
     `quant_ckpt.pth`: the trained float weights (a DUSt3R checkpoint) with the scales in its
     history. Returns paths and the PTQ summary of the export."""
-    from pqk.backends.onnx_export import export_onnx
-    from pqk.methods.quantize import quantize_ptq
     from pqk.models.dust3r import save_model
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     plain = strip_qat(qat_model).eval()
     ranges = activation_ranges(qat_model)
-    fp32 = export_onnx(plain, out_dir / "qat_fp32.onnx", height, width)
-    summary = quantize_ptq(fp32, out_dir / name, quant_spec, calib, activation_ranges=ranges)
-    ckpt = save_model(plain, out_dir / "quant_ckpt.pth", history=[{
+    exported = export_with_ranges(plain, ranges, quant_spec, calib, out_dir, height, width, name)
+    ckpt = save_model(plain, Path(out_dir) / "quant_ckpt.pth", history=[{
         "step": "qat", "activation_ranges": {k: list(v) for k, v in ranges.items()},
         "quant_spec": quant_spec.to_dict(),
     }])
-    return {"onnx_int8": out_dir / name, "onnx_fp32": fp32, "checkpoint": ckpt, "summary": summary,
-            "float_model": plain, "export_s": time.perf_counter() - start}
+    return {**exported, "checkpoint": ckpt, "float_model": plain, "export_s": time.perf_counter() - start}

@@ -45,14 +45,15 @@ if TYPE_CHECKING:  # torch is imported where it is used: a bad --gpu fails befor
     import torch.nn as nn
 
 GPUS = ("a100", "h100", "cpu")
-METHODS = ("distill", "prune", "quantize")
+METHODS = ("distill", "prune", "quantize", "joint")
 DEFAULT_RATE_USD_PER_H = 6.88  # the user's plan (document 000): H100 at $6.88/h
 
 # The frozen workload of the protocol when no workload file is found (configs/workload.yaml).
 _DEFAULT_WORKLOAD = {"width": 512, "height": 384, "pairs": 20, "real_pairs": 2, "scene_level": 1,
                      "views": 8, "scene_graph": "swin-4", "symmetrize": True}
 _LATENCY_PASSES = 3 + 30  # EvalOptions: 3 warm-up + 30 timed pairs
-_DEFAULT_CONFIGS = {"distill": "configs/distill.yaml", "prune": "configs/prune.yaml", "quantize": "configs/quant.yaml"}
+_DEFAULT_CONFIGS = {"distill": "configs/distill.yaml", "prune": "configs/prune.yaml", "quantize": "configs/quant.yaml",
+                    "joint": "configs/joint.yaml"}
 
 
 # --- factors: probe FLOPs -> device time ----------------------------------------------------
@@ -540,6 +541,28 @@ class _Costing:
                     item.conditional = "QAT runs only when PTQ misses the gate (qat: auto)"
                 items.append(item)
         return items, model
+
+
+    # -- joint PQK
+    def joint(self, step: PlanStep, model: _Model, where: str) -> tuple[list[Item], _Model]:
+        """One distillation run's training (masks and fake quantization cost nothing extra per
+        step) + calibration twice (at fake-quant onset and at export) + the FP32 reference's
+        evaluation; the model that leaves is the student pruned by rho."""
+        cfg = _config(step, self.notes)
+        anchor = step.config or Path(step.config_name)
+
+        def sub(method: str, key: str, default: str, options: dict) -> PlanStep:
+            name = str((cfg.get(key) or {}).get("config", default))
+            return PlanStep(method, resolve_near(name, anchor), name, options)
+
+        run = step.options.get("run", (cfg.get("distill") or {}).get("run", "K-1"))
+        items, student = self.distill(sub("distill", "distill", "distill.yaml", {"run": run}), model, where)
+        calib, _ = self.quantize(sub("quantize", "quantize", "quant.yaml", {"qat": "never"}), student, where)
+        items = [replace(it, step="joint") for it in items + calib + calib]
+        rho = float(step.options.get("rho", (cfg.get("prune") or {}).get("rho", 0.1)))
+        pruned = _Model(f"joint rho={rho:g} of {student.name}", _pruned_copy(student.module, rho, self.notes))
+        items.append(self.evaluation(pruned, "evaluation of the joint model's FP32 reference"))
+        return items, pruned
 
 
 def _prunable_unit_count(model: nn.Module) -> int:

@@ -24,12 +24,16 @@ from typing import Any
 from pqk.errors import ConfigError, InputError
 from pqk.yaml_io import read_yaml
 
-METHODS = {"distill": "K", "prune": "P", "quantize": "Q"}
+METHODS = {"distill": "K", "prune": "P", "quantize": "Q", "joint": "PQK"}
+# Steps whose output is an INT8 artifact: nothing can follow them.
+QUANTIZING = ("quantize", "joint")
 STEP_OPTIONS = {
     "distill": {"run", "gamma"},  # a run of the distillation config (K-1, ..., control); gamma overrides its γ
     "prune": {"rho", "allocation"},
     "quantize": {"qat", "runtimes", "keep_list", "calibration_size"},
+    "joint": {"run", "rho", "runtimes"},  # one training run: prune + distil + fake quant (configs/joint.yaml)
 }
+DEFAULT_CONFIG = {"quantize": "quant"}
 ABLATIONS = ("keep", "calib", "loss")  # P5: ABL-1 keep-list, ABL-2 calibration size, ABL-3 loss terms
 GATE_POLICIES = ("stop", "record")
 _PLAN_KEYS = {"name", "description", "teacher", "workload", "budget", "gate_policy", "experiments",
@@ -70,6 +74,8 @@ class Experiment:
         methods = [s.method for s in self.steps]
         if not methods:
             return "P0"
+        if methods == ["joint"]:
+            return "P3"  # gated like P→K→Q: against its own FP32 model (masks removed, float weights)
         if methods[-1] == "quantize":
             return "P2" if len(methods) == 1 else "P3"
         if methods == ["prune"]:
@@ -121,7 +127,7 @@ def _step(raw: Any, base: Path, where: str) -> PlanStep:
     unknown = sorted(set(options) - STEP_OPTIONS[method])
     if unknown:
         raise ConfigError(f"{where}: unknown option {unknown[0]!r} for {method}; accepted: {', '.join(sorted(STEP_OPTIONS[method]))}")
-    config = _resolve(raw.get("config", f"configs/{'quant' if method == 'quantize' else method}.yaml"), base, f"{where}.config")
+    config = _resolve(raw.get("config", f"configs/{DEFAULT_CONFIG.get(method, method)}.yaml"), base, f"{where}.config")
     if not config.is_file():
         raise InputError(f"{where}: config file {config} does not exist")
     return PlanStep(method, config, options)
@@ -154,6 +160,9 @@ def load_plan(path: str | Path) -> Plan:
         steps = [_step(s, base, f"{exp_id}.steps[{i}]") for i, s in enumerate(raw.get("steps") or [])]
         if any(s.method == "quantize" for s in steps[:-1]):
             raise ConfigError(f"plan {path}: experiment {exp_id!r} quantizes before its last step; quantize must come last")
+        if any(s.method == "joint" for s in steps) and len(steps) != 1:
+            raise ConfigError(f"plan {path}: experiment {exp_id!r}: joint starts from the teacher and ends in INT8; "
+                              "it must be the experiment's only step")
         ablation = raw.get("ablation")
         if ablation is not None and ablation not in ABLATIONS:
             raise ConfigError(f"plan {path}: experiment {exp_id!r}: ablation {ablation!r} is not known; accepted: {', '.join(ABLATIONS)}")

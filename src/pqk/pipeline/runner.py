@@ -30,7 +30,7 @@ import torch
 
 from pqk.pipeline.evaluate import EvalOptions
 from pqk.pipeline.experiment import json_safe, measure_step, teacher_reference, write_evaluation
-from pqk.pipeline.plan import Experiment, Plan, PlanStep
+from pqk.pipeline.plan import QUANTIZING, Experiment, Plan, PlanStep
 from pqk.pipeline.record import Record, atomic_write_text, exp_id as make_exp_id, now_iso, write_json
 from pqk.pipeline.gates import record_from_row
 from pqk.pipeline.step import StepContext, StepResult
@@ -76,6 +76,8 @@ def _keyparams(steps: list[PlanStep], fields: dict, details: dict | None = None)
     """The exp_id's key parameters: K1 / K1feat (distill run), r030 (prune), PTQ or QAT plus
     what differs from the default spec (keepSMLN: the keep-list, cal128: the calibration size)."""
     last = steps[-1]
+    if last.method == "joint":
+        return (details or {}).get("keyparams", "joint")
     if last.method == "quantize":
         from pqk.methods.quantize import KEEP_KINDS
 
@@ -118,6 +120,13 @@ def _run_method(step: PlanStep, model: torch.nn.Module, ctx: StepContext) -> tup
         if changes:
             spec = replace(spec, **changes)
         return prune_step(model, ctx, spec), {}
+    if step.method == "joint":
+        from pqk.methods.joint import joint_step, load_joint_spec
+
+        spec = load_joint_spec(step.config, run=step.options.get("run"), rho=step.options.get("rho"))
+        runtimes = tuple(r.strip() for r in str(step.options.get("runtimes", "onednn,onnxruntime")).split(","))
+        result, outcome = joint_step(ctx.teacher, ctx, spec, runtimes)
+        return result, {"float_model": outcome.details["joint"]["checkpoint"]}
     from pqk.methods.quantize import load_quant_spec
     from pqk.methods.quantize_step import RUNTIMES, QuantRun, quantize_step
 
@@ -162,7 +171,7 @@ def _load_done(step_dir: Path, prev_model: torch.nn.Module) -> StepResult:
     data = json.loads((step_dir / DONE).read_text())
     common = dict(artifact=Path(data["artifact"]), fields=data["fields"], device_hours=data["device_hours"],
                   notes=list(data["notes"]), details=data["details"], runtime=data.get("runtime"))
-    if data["method"] != "quantize":
+    if data["method"] not in QUANTIZING:
         return StepResult(model=load_checkpoint(data["artifact"]), **common)
     float_model = load_checkpoint(data["rebuild"]["float_model"]) if data["rebuild"].get("float_model") else prev_model
     if data["backend"] == "onnxruntime":
@@ -233,7 +242,7 @@ class PlanRunner:
                                            "gpu_hours": result.device_hours, "notes": "; ".join(result.notes),
                                            "wall_s": round(time.perf_counter() - start, 1)})
             results.append(result)
-            if step.method != "quantize":
+            if step.method not in QUANTIZING:
                 model = result.model
         return results[-1], results, entering
 
@@ -255,18 +264,20 @@ class PlanRunner:
             return None
         return record_from_row(payload["record"])
 
-    def _fp32_reference(self, exp: Experiment, entering: torch.nn.Module, key: str) -> Record:
+    def _fp32_reference(self, exp: Experiment, entering: torch.nn.Module, key: str, keyparams: str = "") -> Record:
         """The FP32 record of the model a P3 experiment quantizes: its prefix experiment's when
-        the plan has one, else measured here."""
-        for prefix in self.plan.prefixes(exp):
+        the plan has one, else measured here. Joint PQK has no prefix: its reference is its own
+        float model (`entering`: the pruned, distilled student before INT8 export)."""
+        joint = exp.steps[-1].method == "joint"
+        for prefix in [] if joint else self.plan.prefixes(exp):
             if len(prefix.steps) == len(exp.steps) - 1 and prefix.id in self.records:
                 return self.records[prefix.id]
-        exp_id = make_exp_id("", exp.combo[:-1], "FP32")
+        exp_id = make_exp_id("", exp.combo, f"{keyparams}_FP32") if joint else make_exp_id("", exp.combo[:-1], "FP32")
         cached = self._cached_record(exp_id, key)
         if cached is not None:
             return cached
         step = StepResult(model=entering, artifact=None)
-        evaluation, _ = measure_step(step, self._ctx(self.run_dir), exp_id=exp_id, combo=exp.combo[:-1], stage=None,
+        evaluation, _ = measure_step(step, self._ctx(self.run_dir), exp_id=exp_id, combo=exp.combo if joint else exp.combo[:-1], stage=None,
                                      reference=None, options=self.options, scenes=self.scenes)
         evaluation.details["plan_key"] = key
         write_evaluation(evaluation, self.run_dir)
@@ -335,7 +346,12 @@ class PlanRunner:
             self.log(f"{exp.id}: measured before ({exp_id}), gate {gate.get('verdict', '-')}")
             return ExperimentStatus(exp.id, exp_id, "done", gate.get("verdict", ""), gate.get("reasons", []), cached)
         stage = exp.stage
-        reference = self._fp32_reference(exp, entering, _chain_key(self.base_key, exp.steps[:-1])) if stage == "P3" else self._baseline()
+        if exp.steps[-1].method == "joint":
+            entering, ref_key = last.count_model, key + ":fp32"
+        else:
+            ref_key = _chain_key(self.base_key, exp.steps[:-1])
+        reference = (self._fp32_reference(exp, entering, ref_key, _keyparams(exp.steps, last.fields, last.details))
+                     if stage == "P3" else self._baseline())
         latency_cut = None
         side = (last.details or {}).get("latency_side_by_side")
         if side:

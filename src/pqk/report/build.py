@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from pqk.errors import InputError
 from pqk.pipeline.gates import HIGHER_IS_BETTER
-from pqk.pipeline.record import atomic_write_text, ensure_writable_dir, write_json
+from pqk.pipeline.record import Record, atomic_write_text, ensure_writable_dir, write_json
 from pqk.report.plots import plot_pareto, plot_stages
 from pqk.report.rundata import REPORT_DIR, Gate, RunData, finite, load_run
 from pqk.report.tables import Table, fmt, fmt_pct, full_table, results_table
@@ -55,6 +55,29 @@ def gate_table(data: RunData) -> Table:
     return Table(["exp_id", "experiment", "stage", "verdict", "reference", "quality drop", "latency cut", "size cut",
                   "reasons"], rows, [False, False, False, False, False, True, True, True, False],
                  caption="Gate verdicts (protocol stop-loss): drop of the main metric vs the reference, p50 and size cuts")
+
+
+_JOINT_FIELDS = [("params_M", "params (M)"), ("size_MB", "size (MB)"), ("t_pair_p50_ms", "p50 (ms)"),
+                 ("absrel", "AbsRel ↓"), ("delta1", "δ1 ↑"), ("chamfer", "Chamfer ↓"), ("gpu_hours", "GPU-h")]
+
+
+def joint_table(records: list[Record]) -> Table | None:
+    """Joint PQK (one training run) beside sequential P→K→Q (three), when the run has both."""
+    joint = [r for r in records if r.combo == "PQK" and "_FP32" not in r.exp_id]
+    sequential = [r for r in records if r.combo == "PKQ"]
+    if not joint or not sequential:
+        return None
+    rows = [[r.exp_id, label, *(fmt(getattr(r, k)) for k, _ in _JOINT_FIELDS)]
+            for label, group in (("joint (1 run)", joint), ("sequential P→K→Q", sequential)) for r in group]
+    j, q = joint[0], sequential[0]
+    rows.append(["joint − sequential", "", *(fmt(_diff(getattr(j, k), getattr(q, k))) for k, _ in _JOINT_FIELDS)])
+    return Table(["exp_id", "path", *(h for _, h in _JOINT_FIELDS)], rows,
+                 [False, False] + [True] * len(_JOINT_FIELDS),
+                 caption="Joint PQK vs sequential P→K→Q (same student, ρ and W8A8 spec); GPU-h counts every step each needed")
+
+
+def _diff(a: Any, b: Any) -> float | None:
+    return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
 
 
 def _date(value: Any) -> str:
@@ -276,6 +299,9 @@ def build_report(
           f"Pareto front: {front}.\n"]
     if "stages.png" in files:
         md.append("\n## Resources relative to the teacher\n\n![stages](stages.png)\n")
+    joint = joint_table(data.records)
+    if joint is not None:
+        md += ["\n## Joint PQK vs sequential P→K→Q\n", joint.markdown(), f"\n{joint.caption}\n"]
     md += ["\n## Gate verdicts\n", gates.markdown()]
     if budget_tab is not None:
         md += ["\n## Budget: estimate vs spent\n", budget_tab.markdown(), f"\n{budget_tab.caption}\n"]
@@ -301,6 +327,8 @@ def build_report(
                  f"teacher = star and dashed lines. Pareto front: <b>{html.escape(front)}</b>.</p>")]
     if "stages.png" in files:
         sections.append(("Resources relative to the teacher", _img(files["stages.png"], "relative resources")))
+    if joint is not None:
+        sections.append(("Joint PQK vs sequential P→K→Q", joint.html() + f"<p>{html.escape(joint.caption)}</p>"))
     sections.append(("Gate verdicts", _gate_html(gates)))
     if budget_tab is not None:
         sections.append(("Budget: estimate vs spent", budget_tab.html()))
