@@ -80,6 +80,12 @@ def test_plans_parse_and_dependencies_are_derived(project) -> None:
         assert shipped.experiments[0].steps == []
         # The embedded-default plan measures everything (its K student is minutes old); real plans stop.
         assert shipped.gate_policy == ("record" if name == "minimal" else "stop")
+    best = load_plan(Path("configs/plans/best.yaml"))
+    assert [e.id for e in best.select(["PKQ", "PQK"]).experiments] == ["baseline", "P", "PK", "PKQ", "PQK"]
+    with pytest.raises(ConfigError, match="'PKX' is not in plan best"):
+        best.select(["PKX"])
+    assert best.with_budget(0.1).name == "best_budget0.1" and best.with_budget(best.budget) is best
+    assert best.experiments[[e.id for e in best.experiments].index("PQK")].stage == "P3"
     bad = project / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "experiments": [{"id": "a", "steps": [{"method": "quantize"}, {"method": "distill"}]}]}))
     with pytest.raises(ConfigError, match="quantize must come last"):

@@ -402,6 +402,9 @@ def run_cmd(
     out_root: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs go to <out>/<plan name>/."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where training and evaluation run."),
     repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs per evaluation."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Override the plan's budget (multiplies epochs and calibration sizes); the run goes to <out>/<plan>_budget<b>/."),
+    gate_policy: Optional[str] = typer.Option(None, "--gate-policy", help="Override the plan's gate policy: stop (dependents of a failed gate are not run) or record (run them, keep the verdicts)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated experiment ids to run (with the experiments they build on), e.g. PKQ,PQK."),
 ) -> None:
     """Run a plan end to end: every experiment's steps (distill, prune, quantize) with shared steps
     computed once, each experiment measured by the one evaluation function and gated, all records in
@@ -411,7 +414,19 @@ def run_cmd(
     from pqk.pipeline.plan import load_plan
     from pqk.pipeline.runner import PlanRunner
 
+    from dataclasses import replace as _replace
+
+    from pqk.pipeline.plan import GATE_POLICIES
+
     plan = load_plan(plan_file)
+    if gate_policy is not None:
+        if gate_policy not in GATE_POLICIES:
+            raise InputError(f"--gate-policy {gate_policy!r} is not known; accepted: {', '.join(GATE_POLICIES)}")
+        plan = _replace(plan, gate_policy=gate_policy)
+    if budget is not None:
+        plan = plan.with_budget(budget)
+    if only is not None:
+        plan = plan.select([i.strip() for i in only.split(",") if i.strip()])
     dev = _resolve_device(device)
     start = time.perf_counter()
     with err.status(f"plan {plan.name}") as status:

@@ -96,6 +96,28 @@ class Plan:
     estimates: dict = field(default_factory=dict)
     gates: dict = field(default_factory=dict)  # stage -> GateRule overriding the protocol's
 
+    def select(self, ids: list[str]) -> "Plan":
+        """The plan reduced to the experiments `ids` and those they build on (their prefixes)."""
+        from dataclasses import replace
+
+        known = {e.id: e for e in self.experiments}
+        bad = [i for i in ids if i not in known]
+        if bad or not ids:
+            raise ConfigError(f"experiment {bad[0] if bad else ''!r} is not in plan {self.name}; accepted: {', '.join(known)}")
+        keep = {i for i in ids} | {p.id for i in ids for p in self.prefixes(known[i])}
+        return replace(self, experiments=[e for e in self.experiments if e.id in keep])
+
+    def with_budget(self, budget: float) -> "Plan":
+        """The plan at another budget, named <name>_budget<b> so its runs never overwrite the
+        plan's own folder."""
+        from dataclasses import replace
+
+        if isinstance(budget, bool) or not budget > 0:
+            raise ConfigError(f"--budget {budget!r} is not accepted; expected a number > 0")
+        if budget == self.budget:
+            return self
+        return replace(self, budget=float(budget), name=f"{self.name}_budget{budget:g}")
+
     def prefixes(self, experiment: Experiment) -> list[Experiment]:
         """Experiments whose steps are a proper prefix of `experiment`'s (its dependencies)."""
         n = len(experiment.steps)
