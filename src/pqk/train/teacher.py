@@ -60,9 +60,6 @@ class TeacherRecipe:
             # A model trained at 256x192 loses ~6 points of absrel at 512 (4x the tokens):
             # a longer full-resolution stage brings it back.
             Stage(512, 384, 450, 2, 1e-4, 80),
-            # Real pairs (Middlebury's motorcycle) are rectified sideways translations, which the
-            # arc rig never shows: half of the last stage's scenes use the stereo rig.
-            Stage(512, 384, 600, 2, 1e-4, 60, stereo_fraction=0.5),
         ]
     )
     views_per_scene: int = 8
