@@ -175,6 +175,8 @@ def test_plan_with_joint_pqk(tmp_path) -> None:
     joint = rows["PQK_joint_r030_K1_run1"]
     assert joint["combo"] == "PQK" and joint["rho"] == "0.3" and joint["T"] == "3.0" and joint["bits_w"] == "8"
     assert float(joint["params_M"]) < float(rows["P0_teacher_run1"]["params_M"])
+    fp32 = rows["PQK_joint_r030_K1_FP32_run1"]
+    assert fp32["rho"] == "0.3" and fp32["bits_w"] == "32" and fp32["params_M"] == joint["params_M"]
     details = json.loads((run_dir / "PQK_joint_r030_K1_run1_eval.json").read_text())["details"]
     assert details["gate"]["stage"] == "P3" and details["gate"]["reference"] == "PQK_joint_r030_K1_FP32_run1"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -115,6 +115,8 @@ def test_plan_runs_caches_and_resumes_after_a_kill(project, tmp_path) -> None:
     assert {"date", "task_id", "input", "output", "verdict", "gpu_hours", "notes"} <= set(log[0])
     status = json.loads((run_dir / "status.json").read_text())
     assert [e["state"] for e in status["experiments"]] == ["done"] * 5
+    assert "K_K1_run1" in (run_dir / "report" / "results.md").read_text()  # pqk run writes the report
+    assert (run_dir / "report" / "report.html").is_file()
 
     # Rerun: everything cached, nothing trained or measured again.
     again = _run(project, tmp_path / "clean")

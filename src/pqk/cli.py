@@ -405,6 +405,7 @@ def run_cmd(
     budget: Optional[float] = typer.Option(None, "--budget", help="Override the plan's budget (multiplies epochs and calibration sizes); the run goes to <out>/<plan>_budget<b>/."),
     gate_policy: Optional[str] = typer.Option(None, "--gate-policy", help="Override the plan's gate policy: stop (dependents of a failed gate are not run) or record (run them, keep the verdicts)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated experiment ids to run (with the experiments they build on), e.g. PKQ,PQK."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write <out>/<plan>/report/ at the end (pqk report, with the budget estimate probed on this machine)."),
 ) -> None:
     """Run a plan end to end: every experiment's steps (distill, prune, quantize) with shared steps
     computed once, each experiment measured by the one evaluation function and gated, all records in
@@ -452,6 +453,12 @@ def run_cmd(
                       "; ".join(st.reasons)[:80])
     out.print(table)
     out.print(f"records: {runner.run_dir / 'result_table.csv'}; log: {runner.run_dir / 'execution_log.jsonl'}")
+    if report:
+        from pqk.report import build_report
+
+        with err.status("report") as status:
+            written = build_report(runner.run_dir, budget=plan.budget, log=lambda msg: status.update(f"report: {msg}"))
+        out.print(f"report: {written.folder / 'report.html'} ({time.perf_counter() - start:.0f} s in all)")
 
 
 # --- pqk quantize ---------------------------------------------------------------------------

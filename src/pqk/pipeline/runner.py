@@ -264,7 +264,8 @@ class PlanRunner:
             return None
         return record_from_row(payload["record"])
 
-    def _fp32_reference(self, exp: Experiment, entering: torch.nn.Module, key: str, keyparams: str = "") -> Record:
+    def _fp32_reference(self, exp: Experiment, entering: torch.nn.Module, key: str, keyparams: str = "",
+                        fields: dict | None = None) -> Record:
         """The FP32 record of the model a P3 experiment quantizes: its prefix experiment's when
         the plan has one, else measured here. Joint PQK has no prefix: its reference is its own
         float model (`entering`: the pruned, distilled student before INT8 export)."""
@@ -276,7 +277,7 @@ class PlanRunner:
         cached = self._cached_record(exp_id, key)
         if cached is not None:
             return cached
-        step = StepResult(model=entering, artifact=None)
+        step = StepResult(model=entering, artifact=None, fields=dict(fields or {}))
         evaluation, _ = measure_step(step, self._ctx(self.run_dir), exp_id=exp_id, combo=exp.combo if joint else exp.combo[:-1], stage=None,
                                      reference=None, options=self.options, scenes=self.scenes)
         evaluation.details["plan_key"] = key
@@ -350,7 +351,9 @@ class PlanRunner:
             entering, ref_key = last.count_model, key + ":fp32"
         else:
             ref_key = _chain_key(self.base_key, exp.steps[:-1])
-        reference = (self._fp32_reference(exp, entering, ref_key, _keyparams(exp.steps, last.fields, last.details))
+        float_fields = {k: v for k, v in last.fields.items() if k in ("rho", "T", "beta", "gamma")}
+        reference = (self._fp32_reference(exp, entering, ref_key, _keyparams(exp.steps, last.fields, last.details),
+                                          float_fields if exp.steps[-1].method == "joint" else None)
                      if stage == "P3" else self._baseline())
         latency_cut = None
         side = (last.details or {}).get("latency_side_by_side")

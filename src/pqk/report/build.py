@@ -73,7 +73,8 @@ def joint_table(records: list[Record]) -> Table | None:
     rows.append(["joint − sequential", "", *(fmt(_diff(getattr(j, k), getattr(q, k))) for k, _ in _JOINT_FIELDS)])
     return Table(["exp_id", "path", *(h for _, h in _JOINT_FIELDS)], rows,
                  [False, False] + [True] * len(_JOINT_FIELDS),
-                 caption="Joint PQK vs sequential P→K→Q (same student, ρ and W8A8 spec); GPU-h counts every step each needed")
+                 caption="Joint PQK vs sequential P→K→Q: the same student derivation, loss, ρ and W8A8 spec; joint prunes the "
+                         "student during its one run, P→K→Q prunes the teacher before deriving it. GPU-h counts every step each needed")
 
 
 def _diff(a: Any, b: Any) -> float | None:
@@ -328,7 +329,7 @@ def build_report(
     if "stages.png" in files:
         sections.append(("Resources relative to the teacher", _img(files["stages.png"], "relative resources")))
     if joint is not None:
-        sections.append(("Joint PQK vs sequential P→K→Q", joint.html() + f"<p>{html.escape(joint.caption)}</p>"))
+        sections.append(("Joint PQK vs sequential P→K→Q", joint.html()))
     sections.append(("Gate verdicts", _gate_html(gates)))
     if budget_tab is not None:
         sections.append(("Budget: estimate vs spent", budget_tab.html()))
