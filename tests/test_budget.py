@@ -135,10 +135,10 @@ def test_missing_config_and_unknown_keys_are_notes_not_crashes(tiny_plan, tiny_m
     plan = tiny_plan.parent / "missing.yaml"
     plan.write_text("name: missing\nbudget: 0.5\nworkload: cfg/workload.yaml\nexperiments:\n"
                     "  - id: K\n    steps: [{method: distill, config: configs/nothere.yaml}]\n"
-                    "  - id: J\n    steps: [{method: joint}]\n")
+                    "  - id: J\n    steps: [{method: sparsify}]\n")
     result = estimate_plan(plan, "h100", 6.88, 0.1, teacher=tiny_model, probe_steps=1)
     notes = " ".join(result["notes"])
-    assert "configs/nothere.yaml not found" in notes and "no cost model for method 'joint'" in notes
+    assert "configs/nothere.yaml not found" in notes and "no cost model for method 'sparsify'" in notes
     assert "the plan sets budget 0.5 (what pqk run uses); this estimate is at budget 0.1" in notes
     assert result["experiments"][0]["hours"][0] > 0
     assert result["total"]["plan_estimate_h100_hours"] is None
@@ -184,3 +184,21 @@ def test_cli_prints_the_table_and_writes_json(tiny_plan, tmp_path):
     data = json.loads(out.read_text())
     assert data["gpu"] == "h100" and [e["id"] for e in data["experiments"]] == ["baseline", "Q"]
     assert not any("QAT" in i["what"] for i in data["experiments"][1]["items"])  # qat: never
+
+
+def test_joint_pqk_is_costed_as_one_distillation_plus_calibration(tiny_plan, tiny_model):
+    from pqk.pipeline.budget import estimate_plan
+
+    cfg = tiny_plan.parent.parent
+    (cfg / "joint.yaml").write_text("distill: {config: distill.yaml, run: K-1}\nprune: {config: prune.yaml, rho: 0.1}\n"
+                                    "quantize: {config: quant.yaml}\n")
+    plan = tiny_plan.parent / "joint.yaml"
+    plan.write_text("name: j\nworkload: cfg/workload.yaml\nexperiments:\n"
+                    "  - id: K\n    steps: [{method: distill, config: cfg/distill.yaml, run: K-1}]\n"
+                    "  - id: PQK\n    steps: [{method: joint, config: cfg/joint.yaml}]\n")
+    result = estimate_plan(plan, "h100", 6.88, 1.0, teacher=tiny_model, probe_steps=1)
+    k, joint = result["experiments"]
+    assert not any("no cost model" in n for n in result["notes"])
+    steps = {i["step"] for i in joint["items"]}
+    assert steps == {"joint", "evaluation"} and len(joint["items"]) > len(k["items"])
+    assert joint["hours"][0] > k["hours"][0]  # the same training, plus calibration and one more evaluation
