@@ -166,3 +166,21 @@ def test_exp_ids_name_what_differs_and_ablations_parse(project) -> None:
     best = load_plan(Path("configs/plans/best.yaml"))
     groups = {e.ablation for e in best.experiments if e.ablation}
     assert groups == {"keep", "calib", "loss"}
+
+
+def test_step_fingerprint_follows_content_not_comments(tmp_path) -> None:
+    from pqk.pipeline.plan import PlanStep
+
+    (tmp_path / "distill.yaml").write_text("train: {epochs: 2}\nruns: {K-1: {T: 3}}\n")
+    (tmp_path / "prune.yaml").write_text("rho: 0.3\n")
+    (tmp_path / "quant.yaml").write_text("calibration: {size: 4}\n")
+    (tmp_path / "joint.yaml").write_text("distill: {config: distill.yaml}\n")
+    distill, joint = PlanStep("distill", tmp_path / "distill.yaml"), PlanStep("joint", tmp_path / "joint.yaml")
+    before = distill.fingerprint(), joint.fingerprint()
+    (tmp_path / "distill.yaml").write_text("# a comment\ntrain: {epochs: 2}   # another\nruns: {K-1: {T: 3}}\n")
+    assert (distill.fingerprint(), joint.fingerprint()) == before
+    (tmp_path / "distill.yaml").write_text("train: {epochs: 3}\nruns: {K-1: {T: 3}}\n")
+    assert distill.fingerprint() != before[0] and joint.fingerprint() != before[1]  # joint follows what it names
+    changed = joint.fingerprint()
+    (tmp_path / "quant.yaml").write_text("calibration: {size: 8}\n")
+    assert joint.fingerprint() != changed

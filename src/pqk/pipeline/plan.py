@@ -52,10 +52,31 @@ class PlanStep:
         return f"{self.method}({self.config.name}{', ' + opts if opts else ''})"
 
     def fingerprint(self) -> str:
-        """Hash of what this step does: method, options and the config file's content."""
-        text = self.config.read_bytes() if self.config.is_file() else b""
-        payload = json.dumps({"method": self.method, "options": self.options}, sort_keys=True).encode() + text
-        return hashlib.sha256(payload).hexdigest()
+        """Hash of what this step does: method, options and its config's content (parsed, so
+        editing a comment does not invalidate the cache), with the configs a joint config
+        points at (its distillation, pruning and quantization files)."""
+        payload = {"method": self.method, "options": self.options, "config": _config_data(self.config)}
+        if self.method == "joint" and isinstance(payload["config"], dict):
+            base = self.config.resolve().parent
+            for key, default in (("distill", "distill.yaml"), ("prune", "prune.yaml"), ("quantize", "quant.yaml")):
+                section = payload["config"].get(key)
+                name = section.get("config", default) if isinstance(section, dict) else default
+                path = Path(name) if Path(name).is_absolute() or Path(name).exists() else base / name
+                payload[f"{key}_config"] = _config_data(path)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _config_data(path: Path) -> Any:
+    """A config file's parsed content (its raw text when it does not parse; None when absent)."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 @dataclass
