@@ -184,3 +184,19 @@ def test_step_fingerprint_follows_content_not_comments(tmp_path) -> None:
     changed = joint.fingerprint()
     (tmp_path / "quant.yaml").write_text("calibration: {size: 8}\n")
     assert joint.fingerprint() != changed
+
+
+def test_run_folder_plan_copy_says_what_ran(tmp_path) -> None:
+    from pqk.pipeline.runner import PlanRunner
+
+    best = load_plan(Path("configs/plans/best.yaml"))
+    runner = PlanRunner(best, tmp_path)
+    runner.run_dir.mkdir(parents=True)
+    runner._copy_plan()  # no overrides: the file itself, comments and all
+    assert (runner.run_dir / "plan.yaml").read_text() == Path("configs/plans/best.yaml").read_text()
+    runner = PlanRunner(best.select(["PQK"]).with_budget(0.05), tmp_path)
+    runner.run_dir.mkdir(parents=True)
+    runner._copy_plan()
+    copied = load_plan(runner.run_dir / "plan.yaml")
+    assert copied.name == "best_budget0.05" and copied.budget == 0.05
+    assert [e.id for e in copied.experiments] == ["baseline", "PQK"]

@@ -186,8 +186,8 @@ def load_plan(path: str | Path) -> Plan:
     if unknown:
         raise ConfigError(f"plan {path}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(_PLAN_KEYS))}")
     name = data.get("name") or path.stem
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"plan {path}: name {name!r} must be letters, digits, '-' or '_' (it names runs/<name>)")
+    if not isinstance(name, str) or name.startswith(".") or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"plan {path}: name {name!r} must be letters, digits, '-', '_' or '.', not starting with '.' (it names runs/<name>)")
     base = path.resolve().parent
     raw_exps = data.get("experiments")
     if not isinstance(raw_exps, list) or not raw_exps:

@@ -206,11 +206,34 @@ class PlanRunner:
         self.teacher_path = Path(teacher_path)
         self.teacher = load_checkpoint(self.teacher_path).eval()
         ensure_writable_dir(self.run_dir)
-        shutil.copyfile(self.plan.path, self.run_dir / "plan.yaml")
+        self._copy_plan()
         self.base_key = hashlib.sha256(json.dumps({
             "teacher": file_sha256(self.teacher_path), "data": self.workload.data_hash,
             "budget": self.plan.budget, "seed": 42,
         }, sort_keys=True).encode()).hexdigest()
+
+    def _copy_plan(self) -> None:
+        """runs/<plan>/plan.yaml: the plan file as run (what `pqk report` costs and reads). With
+        command-line overrides (--only, --budget, --gate-policy) it is rewritten to say what ran."""
+        import yaml
+
+        from pqk.pipeline.plan import load_plan
+        from pqk.yaml_io import read_yaml
+
+        target = self.run_dir / "plan.yaml"
+        original = load_plan(self.plan.path)
+        same = ([e.id for e in original.experiments] == [e.id for e in self.plan.experiments]
+                and (original.name, original.budget, original.gate_policy)
+                == (self.plan.name, self.plan.budget, self.plan.gate_policy))
+        if same:
+            shutil.copyfile(self.plan.path, target)
+            return
+        raw = read_yaml(self.plan.path, "plan")
+        ids = {e.id for e in self.plan.experiments}
+        raw.update(name=self.plan.name, budget=self.plan.budget, gate_policy=self.plan.gate_policy,
+                   experiments=[e for e in raw["experiments"] if e.get("id") in ids])
+        header = f"# {self.plan.path} as run by pqk run with command-line overrides\n"
+        atomic_write_text(target, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
 
     def _ctx(self, out_dir: Path) -> StepContext:
         return StepContext(teacher=self.teacher, workload=self.workload, out_dir=out_dir, device=self.device,
