@@ -181,3 +181,24 @@ def test_plan_with_joint_pqk(tmp_path) -> None:
     assert details["gate"]["stage"] == "P3" and details["gate"]["reference"] == "PQK_joint_r030_K1_FP32_run1"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "cached" in again.stderr and "measured before" in again.stderr
+
+
+def test_a_killed_joint_run_resumes_to_the_same_model(tmp_path) -> None:
+    """Masks and fake-quant ranges live in the checkpoints: kill after the masks settled and
+    the ranges were calibrated, rerun, and the settled model is the uninterrupted one."""
+    spec = _spec(0.3)
+    full = train_joint(_teacher(), spec, tmp_path / "full", W, H, show_progress=False, log=lambda _m: None)
+
+    class Killed(Exception):
+        pass
+
+    def die(step: int, _logs: dict) -> None:
+        if step == 5:  # of 6: past the last mask update (step 3) and the fake-quant onset (step 5)
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_joint(_teacher(), spec, tmp_path / "killed", W, H, show_progress=False, log=lambda _m: None, on_step=die)
+    resumed = train_joint(_teacher(), spec, tmp_path / "killed", W, H, show_progress=False, log=lambda _m: None)
+    assert resumed.counts == full.counts and resumed.ranges == full.ranges
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)

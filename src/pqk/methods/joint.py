@@ -381,7 +381,7 @@ class JointOutcome:
 
 def train_joint(teacher: nn.Module, spec: JointSpec, out_dir: Path, width: int, height: int, *, budget: float = 1.0,
                 resume: bool = True, log: Callable[[str], None] = print, show_progress: bool = True,
-                device: str | None = None) -> JointOutcome:
+                device: str | None = None, on_step: Callable[[int, dict], None] | None = None) -> JointOutcome:
     """The joint run: derive, train with masks + distillation + fake quantization, settle."""
     from pqk.methods.distill import _is_main
     from pqk.models.dust3r import count_parameters
@@ -402,7 +402,7 @@ def train_joint(teacher: nn.Module, spec: JointSpec, out_dir: Path, width: int, 
     try:
         result = fit(student, loss, distill_spec.train, Path(out_dir), resume=resume,
                      extra_modules=dict(loss.projections), log=log, show_progress=show_progress, name="joint",
-                     device=device)
+                     device=device, on_step=on_step)
     finally:
         loss.close()
     # The deployed model is the end of the run (masks settled, on the integer grid), not the
