@@ -66,3 +66,17 @@ def tiny_model():
 
     torch.manual_seed(42)
     return build_model(**TINY_KWARGS).eval()
+
+
+def generated_pair(seed: int, width: int, height: int) -> tuple[dict, dict]:
+    """Views 0 and 1 of a two-view generated scene, as the model takes them."""
+    from pqk.data.scenes import generate_scene
+    from pqk.pipeline.evaluate import scene_view
+
+    scene = generate_scene(seed, n_views=2, width=width, height=height)
+    return scene_view(scene, 0), scene_view(scene, 1)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 distance of `a` from the reference `b`."""
+    return float((a - b).norm() / b.norm())

@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_KWARGS
-from pqk.data.scenes import generate_scene
+from conftest import TINY_KWARGS, generated_pair, rel_l2
 from pqk.errors import ConfigError
 from pqk.methods.distill import DistillSpec
 from pqk.methods.joint import (
@@ -35,7 +34,6 @@ from pqk.methods.prune import PruneSpec
 from pqk.methods.qat import activation_ranges, fake_quant_modules, set_fake_quant
 from pqk.methods.quantize import QuantSpec
 from pqk.models.dust3r import build_model, count_parameters
-from pqk.pipeline.evaluate import scene_view
 
 H, W = 48, 64
 TRAIN = dict(epochs=2, steps_per_epoch=3, batch_size=2, lr=1e-3, warmup_steps=1, width=W, height=H, n_scenes=2,
@@ -53,8 +51,7 @@ def _teacher() -> torch.nn.Module:
 
 
 def _views(seed: int = 11) -> tuple[dict, dict]:
-    scene = generate_scene(seed, n_views=2, width=W, height=H)
-    return scene_view(scene, 0), scene_view(scene, 1)
+    return generated_pair(seed, W, H)
 
 
 def test_cubic_schedule_ramps_then_settles() -> None:
@@ -142,8 +139,7 @@ def test_joint_run_trains_settles_and_exports_an_int8_model_that_matches(tmp_pat
     with torch.no_grad():
         ref1, _ = fq.eval()(view1, view2)
     res1, _ = OrtPairRunner(exported["onnx_int8"])(view1, view2)
-    rel = float((res1["pts3d"] - ref1["pts3d"]).norm() / ref1["pts3d"].norm())
-    assert rel < 0.02
+    assert rel_l2(res1["pts3d"], ref1["pts3d"]) < 0.02
 
 
 def test_plan_with_joint_pqk(tmp_path) -> None:

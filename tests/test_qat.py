@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
+from conftest import generated_pair, rel_l2
 from pqk.backends.onnx_export import OrtPairRunner
 from pqk.backends.torch_int8 import qdq_linear_params
-from pqk.data.scenes import generate_scene
 from pqk.methods.qat import (
     FakeQuantLinear,
     QatSpec,
@@ -26,7 +26,6 @@ from pqk.methods.qat import (
 )
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.models.dust3r import build_model, load_checkpoint
-from pqk.pipeline.evaluate import scene_view
 from pqk.train.trainer import TrainSpec
 
 TINY = dict(enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=48, dec_depth=2, dec_num_heads=4,
@@ -44,12 +43,7 @@ def ptq(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, dict
 
 
 def _views() -> tuple[dict, dict]:
-    scene = generate_scene(11, n_views=2, width=W, height=H)
-    return scene_view(scene, 0), scene_view(scene, 1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return generated_pair(11, W, H)
 
 
 def test_prepare_takes_ptq_scales_and_round_trips(ptq) -> None:
@@ -73,7 +67,7 @@ def test_prepare_takes_ptq_scales_and_round_trips(ptq) -> None:
         set_fake_quant(qat, False)
         assert torch.equal(qat(*views)[0]["pts3d"], model(*views)[0]["pts3d"])
         set_fake_quant(qat, True)
-        assert 0 < _rel(qat(*views)[0]["pts3d"], model(*views)[0]["pts3d"]) < 0.2
+        assert 0 < rel_l2(qat(*views)[0]["pts3d"], model(*views)[0]["pts3d"]) < 0.2
 
 
 def test_straight_through_gradients_reach_the_weights(ptq) -> None:
@@ -109,7 +103,7 @@ def test_qat_trains_exports_and_onnx_runtime_agrees_with_fake_quant(ptq, tmp_pat
     ort = OrtPairRunner(exported["onnx_int8"])(*views)
     # Same grid for every Linear; ORT also quantizes the patch Conv (not faked here).
     for view, key in ((0, "pts3d"), (0, "conf"), (1, "pts3d_in_other_view"), (1, "conf")):
-        assert _rel(ort[view][key], fake[view][key]) < 0.02, (view, key, _rel(ort[view][key], fake[view][key]))
+        assert rel_l2(ort[view][key], fake[view][key]) < 0.02, (view, key, rel_l2(ort[view][key], fake[view][key]))
     # quant_ckpt.pth: an ordinary DUSt3R checkpoint holding the trained float weights.
     reloaded = load_checkpoint(exported["checkpoint"])
     assert torch.equal(reloaded.state_dict()["dec_blocks.0.mlp.fc2.weight"], changed.detach())

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import generated_pair, rel_l2
 from pqk.backends.onnx_export import OrtPairRunner
 from pqk.backends.torch_int8 import Int8Linear, int8_model_from_qdq, onednn_int8_available, qdq_linear_params
-from pqk.data.scenes import generate_scene
 from pqk.errors import InputError
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.models.dust3r import build_model
-from pqk.pipeline.evaluate import scene_view
 
 pytestmark = pytest.mark.skipif(not onednn_int8_available(), reason="no oneDNN INT8 kernels in this torch")
 TINY = dict(enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=48, dec_depth=2, dec_num_heads=4,
@@ -32,12 +31,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, dic
 
 @pytest.fixture(scope="module")
 def views() -> tuple[dict, dict]:
-    scene = generate_scene(7, n_views=2, width=W, height=H)
-    return scene_view(scene, 0), scene_view(scene, 1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return generated_pair(7, W, H)
 
 
 def test_every_linear_becomes_int8_with_the_files_integers(made) -> None:
@@ -69,7 +63,7 @@ def test_int8_linear_matches_its_float_simulation() -> None:
     x = torch.randn(3, 5, 16)
     xq = (torch.round(x / 0.02) + 128).clamp(0, 255)
     expected = ((xq - 128) * 0.02) @ (w_int8.float() * scale[:, None]).T + bias
-    assert _rel(layer(x), expected) < 1e-5
+    assert rel_l2(layer(x), expected) < 1e-5
     assert layer(x).shape == (3, 5, 32)
 
 
@@ -82,8 +76,8 @@ def test_outputs_agree_with_onnx_runtime_on_the_same_file(made, views) -> None:
         res_int8 = int8(*views)
     res_ort = ort(*views)
     for key in ("pts3d", "conf"):
-        err_vs_ort = _rel(res_int8[0][key], res_ort[0][key])
-        err_vs_fp32 = _rel(res_int8[0][key], res_fp32[0][key])
+        err_vs_ort = rel_l2(res_int8[0][key], res_ort[0][key])
+        err_vs_fp32 = rel_l2(res_int8[0][key], res_fp32[0][key])
         # Same integers, different engines (ORT re-quantizes some outputs): close, not equal.
         assert err_vs_ort < 0.1 and err_vs_fp32 < 0.2, (key, err_vs_ort, err_vs_fp32)
         assert torch.isfinite(res_int8[0][key]).all()
@@ -96,7 +90,7 @@ def test_bf16_attention_is_switchable_and_close(made, views) -> None:
     assert "bf16 attention" in report["runtime"]
     with torch.inference_mode():
         a, b = plain(*views)[0]["pts3d"], bf16(*views)[0]["pts3d"]
-    assert 0 < _rel(b, a) < 0.05  # really in bf16 (not bit-identical), still close
+    assert 0 < rel_l2(b, a) < 0.05  # really in bf16 (not bit-identical), still close
 
 
 def test_missing_or_foreign_file_is_an_input_error(made, tmp_path: Path) -> None:
@@ -121,5 +115,5 @@ def test_dpt_head_convolutions_run_in_bf16_and_stay_close(views) -> None:
     with torch.inference_mode():
         a, b = model(*views)[0], fast(*views)[0]
     assert b["pts3d"].dtype == torch.float32
-    assert 0 < _rel(b["pts3d"], a["pts3d"]) < 0.05
+    assert 0 < rel_l2(b["pts3d"], a["pts3d"]) < 0.05
     assert bf16_dpt_heads(build_model(**TINY)) == 0  # linear heads: nothing to wrap

@@ -101,12 +101,28 @@ _SECTION_KEYS = {"distill": {"config", "run"}, "prune": {"config", "rho"}, "quan
                  "schedule": {"prune_until", "mask_updates", "fake_quant_from"}}
 
 
-def _near(path_like: Any, base: Path, what: str) -> Path:
-    if not isinstance(path_like, str) or not path_like:
-        raise ConfigError(f"{what} must be a file path; got {path_like!r}")
-    path = Path(path_like)
-    if not path.is_absolute() and not path.exists() and (base / path).exists():
-        path = base / path
+_REFERENCED = (("distill", "distill.yaml"), ("prune", "prune.yaml"), ("quantize", "quant.yaml"))
+
+
+def referenced_configs(data: Mapping, base: Path) -> dict[str, Any]:
+    """The distillation, pruning and quantization config a joint config names, by section
+    (default: the file of that name beside it); a relative path is tried from the working
+    folder, then from `base` (the joint config's folder). Non-path values are returned as is."""
+    out: dict[str, Any] = {}
+    for key, default in _REFERENCED:
+        section = data.get(key)
+        name = section.get("config", default) if isinstance(section, dict) else default
+        if not isinstance(name, str) or not name:
+            out[key] = name
+            continue
+        path = Path(name)
+        out[key] = path if path.is_absolute() or path.exists() else base / path
+    return out
+
+
+def _existing(path: Any, what: str) -> Path:
+    if not isinstance(path, Path):
+        raise ConfigError(f"{what} must be a file path; got {path!r}")
     if not path.is_file():
         from pqk.errors import InputError
 
@@ -134,18 +150,18 @@ def load_joint_spec(path: str | Path, run: str | None = None, rho: float | None 
             raise ConfigError(f"joint PQK config {path}: {key} must be a mapping")
         reject_unknown_keys(f"joint PQK config {key}", section, accepted)
         sections[key] = section
-    base = path.resolve().parent
-    grid = load_distill_config(_near(sections["distill"].get("config", "distill.yaml"), base, "distill.config"))
+    configs = referenced_configs(data, path.resolve().parent)
+    grid = load_distill_config(_existing(configs["distill"], "distill.config"))
     run = run or sections["distill"].get("run") or next(iter(grid.runs))
     if run not in grid.runs:
         raise ConfigError(f"distillation run {run!r} is not in the distillation config; accepted: {', '.join(grid.runs)}")
     distill = grid.runs[run]
     if distill.task_only:
         raise ConfigError(f"distillation run {run!r} is the task-only control; joint PQK distils from the teacher")
-    prune = load_prune_spec(_near(sections["prune"].get("config", "prune.yaml"), base, "prune.config"))
+    prune = load_prune_spec(_existing(configs["prune"], "prune.config"))
     rho = rho if rho is not None else sections["prune"].get("rho", prune.rho)
     prune = replace(prune, rho=check_rho(rho))
-    quant = load_quant_spec(_near(sections["quantize"].get("config", "quant.yaml"), base, "quantize.config"))
+    quant = load_quant_spec(_existing(configs["quantize"], "quantize.config"))
     schedule = sections["schedule"]
     return JointSpec(distill=distill, prune=prune, quant=quant, distill_run=run,
                      prune_until=schedule.get("prune_until", 0.5), mask_updates=schedule.get("mask_updates", 8),
@@ -284,16 +300,19 @@ def calibrate_fake_quant(model: nn.Module, pairs: list[tuple[dict, dict]]) -> di
     return {k: (v[0], v[1]) for k, v in seen.items()}
 
 
-def calibration_views(quant_spec: Any, width: int, height: int) -> list[tuple[dict, dict]]:
-    """The quantization spec's calibration pairs (PTQ's own set) as view dicts."""
-    from pqk.methods.quantize import calibration_pairs
+def fake_quant_on(model: nn.Module) -> bool:
+    """Whether the activation ranges were calibrated (fake quantization switched on)."""
+    return any(bool(m.enabled) for m in fake_quant_modules(model).values())
 
+
+def calibration_views(pairs: list, width: int, height: int) -> list[tuple[dict, dict]]:
+    """Calibration pairs (`calibration_pairs`: arrays for ONNX Runtime) as view dicts."""
     shape = torch.tensor([[height, width]], dtype=torch.int32)
 
     def view(img, k: int) -> dict:
         return {"img": torch.from_numpy(img), "true_shape": shape, "idx": [k], "instance": [str(k)]}
 
-    return [(view(a, 0), view(b, 1)) for a, b in calibration_pairs(quant_spec, width, height)]
+    return [(view(a, 0), view(b, 1)) for a, b in pairs]
 
 
 # --- the training run ---------------------------------------------------------------------------
@@ -320,7 +339,7 @@ class JointLoss:
             self.events.append({"progress": round(progress, 4), "event": "masks", "share": round(share, 4),
                                 "added": added, "masked": masked})
             self.log(f"joint: {progress:.0%} of the run, masks at {share:.0%} of rho ({masked} heads/channels masked)")
-        if progress >= self.spec.fake_quant_from and not any(bool(m.enabled) for m in fake_quant_modules(net).values()):
+        if progress >= self.spec.fake_quant_from and not fake_quant_on(net):
             device = next(net.parameters()).device
             pairs = [({k: v.to(device) if torch.is_tensor(v) else v for k, v in a.items()},
                       {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}) for a, b in self.calib()]
@@ -381,8 +400,11 @@ class JointOutcome:
 
 def train_joint(teacher: nn.Module, spec: JointSpec, out_dir: Path, width: int, height: int, *, budget: float = 1.0,
                 resume: bool = True, log: Callable[[str], None] = print, show_progress: bool = True,
-                device: str | None = None, on_step: Callable[[int, dict], None] | None = None) -> JointOutcome:
-    """The joint run: derive, train with masks + distillation + fake quantization, settle."""
+                device: str | None = None, on_step: Callable[[int, dict], None] | None = None,
+                calib_pairs: list | None = None) -> JointOutcome:
+    """The joint run: derive, train with masks + distillation + fake quantization, settle.
+    `calib_pairs`: the quantization calibration pairs when the caller has them already
+    (default: generated from `spec.quant` when first needed)."""
     from pqk.methods.distill import _is_main
     from pqk.models.dust3r import count_parameters
     from pqk.train.trainer import fit
@@ -395,7 +417,10 @@ def train_joint(teacher: nn.Module, spec: JointSpec, out_dir: Path, width: int, 
 
     def calib() -> list[tuple[dict, dict]]:
         if not cache:
-            cache.extend(calibration_views(spec.quant, width, height))
+            from pqk.methods.quantize import calibration_pairs
+
+            pairs = calib_pairs if calib_pairs is not None else calibration_pairs(spec.quant, width, height)
+            cache.extend(calibration_views(pairs, width, height))
         return cache
 
     loss = JointLoss(student, teacher, replace(spec, distill=distill_spec), units, final, calib, log)
@@ -412,7 +437,7 @@ def train_joint(teacher: nn.Module, spec: JointSpec, out_dir: Path, width: int, 
     if last.is_file() and _is_main():
         trained.load_state_dict(torch.load(last, map_location="cpu", weights_only=True)["model"])
     trained = unwrap(trained).cpu().eval()
-    if not any(bool(m.enabled) for m in fake_quant_modules(trained).values()):
+    if not fake_quant_on(trained):
         # A run too short to reach fake_quant_from (tiny budgets): calibrate at the end.
         calibrate_fake_quant(trained, calib())
     pruned, counts, ranges = settle(trained, units)
@@ -453,15 +478,16 @@ def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ..
     spec = replace(spec, quant=quant)
     ctx.log(f"joint PQK: {spec.distill_run} student, rho {spec.rho:g} (masks to {spec.prune_until:.0%} of the run), "
             f"fake quantization from {spec.fake_quant_from:.0%}")
+    from pqk.methods.quantize import calibration_pairs
+
+    calib_pairs = calibration_pairs(quant, width, height)  # one set: the run's ranges and the export's
     outcome = train_joint(ctx.teacher, spec, out_dir / "train", width, height, budget=ctx.budget, resume=ctx.resume,
-                          log=ctx.log, show_progress=False, device=ctx.device)
+                          log=ctx.log, show_progress=False, device=ctx.device, calib_pairs=calib_pairs)
     history = [{"step": "joint_pqk", **spec.to_json(), "budget": ctx.budget, "removed_per_unit": outcome.counts,
                 "activation_ranges": {k: list(v) for k, v in outcome.ranges.items()}}]
     checkpoint = save_model(outcome.model, out_dir / JOINT_FILE, history=history)
     ctx.log("joint PQK: export to QDQ with the trained scales")
-    from pqk.methods.quantize import calibration_pairs
-
-    exported = export_with_ranges(outcome.model, outcome.ranges, quant, calibration_pairs(quant, width, height),
+    exported = export_with_ranges(outcome.model, outcome.ranges, quant, calib_pairs,
                                   out_dir, height, width, name="joint_int8.onnx")
     int8_model, details = None, {}
     if "onednn" in runtimes:
@@ -490,6 +516,6 @@ def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ..
 
 __all__ = [
     "JOINT_FILE", "JointLoss", "JointOutcome", "JointSpec", "calibrate_fake_quant", "cubic_share", "grow_masks",
-    "install_fake_quant", "install_masks", "joint_step", "load_joint_spec", "masked_indices", "prepare_joint",
-    "settle", "train_joint", "uint8_range_params",
+    "fake_quant_on", "install_fake_quant", "install_masks", "joint_step", "load_joint_spec", "masked_indices", "prepare_joint",
+    "referenced_configs", "settle", "train_joint", "uint8_range_params",
 ]

@@ -57,12 +57,10 @@ class PlanStep:
         points at (its distillation, pruning and quantization files)."""
         payload = {"method": self.method, "options": self.options, "config": _config_data(self.config)}
         if self.method == "joint" and isinstance(payload["config"], dict):
-            base = self.config.resolve().parent
-            for key, default in (("distill", "distill.yaml"), ("prune", "prune.yaml"), ("quantize", "quant.yaml")):
-                section = payload["config"].get(key)
-                name = section.get("config", default) if isinstance(section, dict) else default
-                path = Path(name) if Path(name).is_absolute() or Path(name).exists() else base / name
-                payload[f"{key}_config"] = _config_data(path)
+            from pqk.methods.joint import referenced_configs
+
+            for key, path in referenced_configs(payload["config"], self.config.resolve().parent).items():
+                payload[f"{key}_config"] = _config_data(path) if isinstance(path, Path) else path
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -125,7 +123,7 @@ class Plan:
         bad = [i for i in ids if i not in known]
         if bad or not ids:
             raise ConfigError(f"experiment {bad[0] if bad else ''!r} is not in plan {self.name}; accepted: {', '.join(known)}")
-        keep = {i for i in ids} | {p.id for i in ids for p in self.prefixes(known[i])}
+        keep = set(ids) | {p.id for i in ids for p in self.prefixes(known[i])}
         return replace(self, experiments=[e for e in self.experiments if e.id in keep])
 
     def with_budget(self, budget: float) -> "Plan":

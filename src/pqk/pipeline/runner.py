@@ -287,21 +287,27 @@ class PlanRunner:
             return None
         return record_from_row(payload["record"])
 
-    def _fp32_reference(self, exp: Experiment, entering: torch.nn.Module, key: str, keyparams: str = "",
-                        fields: dict | None = None) -> Record:
-        """The FP32 record of the model a P3 experiment quantizes: its prefix experiment's when
-        the plan has one, else measured here. Joint PQK has no prefix: its reference is its own
-        float model (`entering`: the pruned, distilled student before INT8 export)."""
-        joint = exp.steps[-1].method == "joint"
-        for prefix in [] if joint else self.plan.prefixes(exp):
+    def _p3_reference(self, exp: Experiment, last: StepResult, entering: torch.nn.Module, key: str) -> Record:
+        """The FP32 record of the model a P3 experiment quantizes. K→Q, P→K→Q: its prefix
+        experiment's (measured here when the plan lacks that experiment). Joint PQK has no
+        prefix: its own float model (the pruned, distilled student before INT8 export)."""
+        if exp.steps[-1].method == "joint":
+            label = f"{_keyparams(exp.steps, last.fields, last.details)}_FP32"
+            fields = {k: v for k, v in last.fields.items() if k in ("rho", "T", "beta", "gamma")}
+            return self._measure_fp32(make_exp_id("", exp.combo, label), exp.combo, last.count_model, key + ":fp32", fields)
+        for prefix in self.plan.prefixes(exp):
             if len(prefix.steps) == len(exp.steps) - 1 and prefix.id in self.records:
                 return self.records[prefix.id]
-        exp_id = make_exp_id("", exp.combo, f"{keyparams}_FP32") if joint else make_exp_id("", exp.combo[:-1], "FP32")
+        combo = exp.combo[:-1]
+        return self._measure_fp32(make_exp_id("", combo, "FP32"), combo, entering,
+                                  _chain_key(self.base_key, exp.steps[:-1]), {})
+
+    def _measure_fp32(self, exp_id: str, combo: str, model: torch.nn.Module, key: str, fields: dict) -> Record:
         cached = self._cached_record(exp_id, key)
         if cached is not None:
             return cached
-        step = StepResult(model=entering, artifact=None, fields=dict(fields or {}))
-        evaluation, _ = measure_step(step, self._ctx(self.run_dir), exp_id=exp_id, combo=exp.combo if joint else exp.combo[:-1], stage=None,
+        step = StepResult(model=model, artifact=None, fields=dict(fields))
+        evaluation, _ = measure_step(step, self._ctx(self.run_dir), exp_id=exp_id, combo=combo, stage=None,
                                      reference=None, options=self.options, scenes=self.scenes)
         evaluation.details["plan_key"] = key
         write_evaluation(evaluation, self.run_dir)
@@ -370,14 +376,7 @@ class PlanRunner:
             self.log(f"{exp.id}: measured before ({exp_id}), gate {gate.get('verdict', '-')}")
             return ExperimentStatus(exp.id, exp_id, "done", gate.get("verdict", ""), gate.get("reasons", []), cached)
         stage = exp.stage
-        if exp.steps[-1].method == "joint":
-            entering, ref_key = last.count_model, key + ":fp32"
-        else:
-            ref_key = _chain_key(self.base_key, exp.steps[:-1])
-        float_fields = {k: v for k, v in last.fields.items() if k in ("rho", "T", "beta", "gamma")}
-        reference = (self._fp32_reference(exp, entering, ref_key, _keyparams(exp.steps, last.fields, last.details),
-                                          float_fields if exp.steps[-1].method == "joint" else None)
-                     if stage == "P3" else self._baseline())
+        reference = self._p3_reference(exp, last, entering, key) if stage == "P3" else self._baseline()
         latency_cut = None
         side = (last.details or {}).get("latency_side_by_side")
         if side:
