@@ -187,7 +187,7 @@ def test_grid_config(tmp_path):
 
 
 def test_distill_step_trains_saves_and_records(teacher, tmp_path):
-    from pqk.pipeline.step import StepContext
+    from pqk.methods.base import StepContext
 
     ctx = StepContext(teacher=teacher, workload=None, out_dir=tmp_path / "K", log=lambda _m: None)
     spec = DistillSpec(T=3, beta=0.5, train=TrainSpec(**TINY_TRAIN))

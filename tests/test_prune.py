@@ -275,7 +275,7 @@ def test_allocate_checks_its_arguments(base):
 
 
 def test_prune_step_finetunes_and_saves(tmp_path, base, tiny_calib):
-    from pqk.pipeline.step import StepContext
+    from pqk.methods.base import StepContext
 
     spec = P.PruneSpec(rho=0.3, allocation="uniform", calibration=TINY_CALIB, finetune=TINY_FINETUNE)
     ctx = StepContext(teacher=base, workload=None, out_dir=tmp_path, budget=1.0, log=lambda _m: None)

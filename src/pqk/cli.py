@@ -498,7 +498,7 @@ def quantize_cmd(
     from pqk.pipeline.evaluate import EvalOptions, evaluate
     from pqk.pipeline.experiment import measure_step, teacher_reference, write_evaluation
     from pqk.pipeline.record import ensure_writable_dir, write_json
-    from pqk.pipeline.step import StepContext
+    from pqk.methods.base import StepContext
     from pqk.pipeline.workload import load_scenes, load_workload
 
     chosen = _split_list(runtimes, "--runtimes value", RUNTIMES)
@@ -633,7 +633,7 @@ def prune_cmd(
     from pqk.pipeline.evaluate import EvalOptions
     from pqk.pipeline.experiment import measure_step, teacher_reference, write_evaluation
     from pqk.pipeline.record import ensure_writable_dir, write_json
-    from pqk.pipeline.step import StepContext
+    from pqk.methods.base import StepContext
     from pqk.pipeline.workload import load_scenes, load_workload
 
     rhos = _parse_rhos(rho)

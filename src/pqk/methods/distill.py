@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from pqk.errors import ConfigError
 from pqk.models.dust3r import build_model
-from pqk.pipeline.step import StepContext, StepResult
+from pqk.methods.base import StepContext, StepResult
 from pqk.train.losses import conf_regression_loss, normalize_pair
 from pqk.train.trainer import FitResult, TrainSpec, fit, unwrap
 

@@ -913,7 +913,7 @@ def sensitivity_table(
     scores = importance_scores(model, units, spec.importance, calib, spec.calibration.batch_size)
     table = {"fingerprint": fingerprint, **sensitivity_analysis(model, units, scores, calib, spec, log)}
     if path is not None:
-        from pqk.pipeline.record import write_json
+        from pqk.io.files import write_json
 
         png = plot_sensitivity(table, path.with_suffix(".png"))
         table["plot"] = str(png.name) if png else "skipped: matplotlib is not installed"
@@ -926,7 +926,7 @@ def prune_step(model: AsymmetricCroCo3DStereo, ctx, spec: PruneSpec, *, sensitiv
     """The plan runner's P step: prune to `spec.rho`, fine-tune (epochs scaled by `ctx.budget`),
     save `pruned_rXXX.pth` in `ctx.out_dir`. Record slice: rho. `sensitivity` / `calib` reuse a
     table and calibration pairs the caller already has (several ρ on one model)."""
-    from pqk.pipeline.step import StepResult
+    from pqk.methods.base import StepResult
 
     start = time.perf_counter()
     out_dir = Path(ctx.out_dir)

@@ -23,7 +23,7 @@ import torch
 from pqk.errors import ConfigError
 from pqk.measure.latency import interleaved_latency
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
-from pqk.pipeline.step import StepContext, StepResult
+from pqk.methods.base import StepContext, StepResult
 from pqk.pipeline.workload import Workload
 
 RUNTIMES = ("onnxruntime", "onednn")

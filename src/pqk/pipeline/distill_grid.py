@@ -24,7 +24,7 @@ from pqk.pipeline.evaluate import EvalOptions
 from pqk.pipeline.experiment import measure_step, teacher_reference, write_evaluation
 from pqk.pipeline.gates import DEFAULT_MAIN_METRIC, HIGHER_IS_BETTER, record_from_row
 from pqk.pipeline.record import Record, write_json
-from pqk.pipeline.step import StepContext
+from pqk.methods.base import StepContext
 from pqk.pipeline.workload import Workload
 
 

@@ -13,7 +13,7 @@ import torch
 from pqk.pipeline.evaluate import EvalOptions, Evaluation, evaluate
 from pqk.pipeline.gates import check_gate, record_from_row
 from pqk.pipeline.record import Record, upsert_row, write_json
-from pqk.pipeline.step import StepContext, StepResult
+from pqk.methods.base import StepContext, StepResult
 
 TEACHER_EVAL = "teacher_eval.json"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pqk.errors import InputError
+from pqk.io.files import atomic_write_text, ensure_writable_dir, write_json  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -69,39 +70,6 @@ def exp_id(stage: str, combo: str, keyparams: str = "", run: int = 1) -> str:
 def nan_fields(record: Record) -> list[str]:
     """Fields holding NaN or infinity (a failed gate, not a crash)."""
     return [k for k, v in asdict(record).items() if isinstance(v, float) and not math.isfinite(v)]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path = Path(path)
-    ensure_writable_dir(path.parent)
-    atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def ensure_writable_dir(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"output folder {folder} cannot be created ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder {folder} is not writable")
 
 
 @contextlib.contextmanager

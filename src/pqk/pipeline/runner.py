@@ -33,7 +33,7 @@ from pqk.pipeline.experiment import json_safe, measure_step, teacher_reference, 
 from pqk.pipeline.plan import QUANTIZING, Experiment, Plan, PlanStep
 from pqk.pipeline.record import Record, atomic_write_text, exp_id as make_exp_id, now_iso, write_json
 from pqk.pipeline.gates import record_from_row
-from pqk.pipeline.step import StepContext, StepResult
+from pqk.methods.base import StepContext, StepResult
 
 DONE = "done.json"
 LOG = "execution_log.jsonl"

@@ -1,0 +1,44 @@
+"""Files written so that a crash never leaves half of one: write to a temporary sibling,
+fsync, rename. Every JSON, CSV and YAML pqk writes goes through here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pqk.errors import InputError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def ensure_writable_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output folder {folder} cannot be created ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder {folder} is not writable")
