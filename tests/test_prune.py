@@ -41,6 +41,11 @@ def max_diff(a, b) -> float:
     return max(float((a[i][k] - b[i][k]).abs().max()) for i in range(2) for k in a[i])
 
 
+def max_rel_diff(a, b) -> float:
+    """Largest element error of `a` against `b`, relative to each output's largest magnitude."""
+    return max(float((a[i][k] - b[i][k]).abs().max() / b[i][k].abs().max()) for i in range(2) for k in a[i])
+
+
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(42)
@@ -103,8 +108,12 @@ def test_pruned_model_is_the_masked_original(base, pruned, shape):
         for k in out[i]:
             assert out[i][k].shape == full[i][k].shape
             assert torch.isfinite(out[i][k]).all()
-    assert max_diff(out, ref) < 1e-5
-    assert max_diff(out, full) > 1e-4  # pruning did change the network
+    # The pruned GEMMs sum fewer terms than the masked ones (zeros instead of absent channels), so
+    # the kernels may round differently: fp32's unit roundoff is 6e-8 and a dozen layers of sums
+    # over <= 256 terms stay far below 1e-4 of each output's scale (AMD Zen 4 measured 3e-5 abs,
+    # Intel AMX 0). Pruning itself moves the outputs by tens of percent.
+    assert max_rel_diff(out, ref) < 1e-4
+    assert max_rel_diff(out, full) > 1e-2  # pruning did change the network
 
 
 def test_config_holds_the_widths_and_counts_match(base, pruned):
