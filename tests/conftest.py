@@ -71,7 +71,7 @@ def tiny_model():
 def generated_pair(seed: int, width: int, height: int) -> tuple[dict, dict]:
     """Views 0 and 1 of a two-view generated scene, as the model takes them."""
     from pqk.data.scenes import generate_scene
-    from pqk.pipeline.evaluate import scene_view
+    from pqk.tasks.dust3r.measure import scene_view
 
     scene = generate_scene(seed, n_views=2, width=width, height=height)
     return scene_view(scene, 0), scene_view(scene, 1)

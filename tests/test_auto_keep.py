@@ -12,7 +12,7 @@ from pqk.data.scenes import generate_scene
 from pqk.methods.auto_keep import choose_float_groups, float_modules_of, layer_groups, probe_groups
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.models.dust3r import build_model
-from pqk.pipeline.evaluate import scene_view
+from pqk.tasks.dust3r.measure import scene_view
 
 TINY = dict(enc_embed_dim=64, enc_depth=2, enc_num_heads=4, dec_embed_dim=48, dec_depth=2, dec_num_heads=4,
             img_size=(64, 96), landscape_only=False)

@@ -168,7 +168,7 @@ def test_beta_schedule_and_spec_validation():
 
 
 def test_grid_config(tmp_path):
-    from pqk.pipeline.distill_grid import parse_runs
+    from pqk.methods.distill_select import parse_runs
 
     grid = load_distill_config("configs/distill.yaml")
     assert [grid.exp_id(n) for n in grid.runs] == ["K_T3B05_run1", "K_T5B05_run1", "K_T3B05_sched_run1", "K_taskonly_run1"]
@@ -226,7 +226,7 @@ def test_interrupted_distillation_resumes_to_the_same_result(teacher, tmp_path):
 
 
 def test_pqk_distill_end_to_end(teacher, tmp_path):
-    from pqk.pipeline.workload import make_workload, save_workload
+    from pqk.tasks.dust3r.workload import make_workload, save_workload
 
     w = make_workload(n_pairs=2, n_scenes=2, views=4, resolution=64, real_check=False)
     w.ga_niter, w.ga_stride = 5, 2

@@ -19,7 +19,7 @@ import pqk.recon.global_alignment as ga
 from pqk.data.pairs import make_pair_indices
 from pqk.errors import InputError
 from pqk.recon.global_alignment import AlignmentResult, global_alignment, relative_pose_errors
-from pqk.tasks.dust3r_metrics import apply_sim3, umeyama_sim3
+from pqk.tasks.dust3r.metrics import apply_sim3, umeyama_sim3
 
 F64 = torch.float64
 # (unit normal n, offset c) of planes n·X = c, world frame with y down

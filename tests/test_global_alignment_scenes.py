@@ -8,7 +8,7 @@ import torch
 from pqk.data.pairs import make_pair_indices
 from pqk.data.scenes import generate_scene
 from pqk.recon.global_alignment import global_alignment, relative_pose_errors
-from pqk.tasks.dust3r_metrics import chamfer
+from pqk.tasks.dust3r.metrics import chamfer
 
 
 def _gt_pair_results(scene, indices):

@@ -144,7 +144,7 @@ def test_joint_run_trains_settles_and_exports_an_int8_model_that_matches(tmp_pat
 
 def test_plan_with_joint_pqk(tmp_path) -> None:
     from pqk.models.dust3r import save_model
-    from pqk.pipeline.workload import make_workload, save_workload
+    from pqk.tasks.dust3r.workload import make_workload, save_workload
 
     root = tmp_path
     save_model(_teacher(), root / "teacher.safetensors")

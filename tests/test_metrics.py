@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from pqk.tasks.dust3r_metrics import (
+from pqk.tasks.dust3r.metrics import (
     DEPTH_FLOOR,
     aggregate_depth_metrics,
     apply_sim3,

@@ -29,7 +29,7 @@ def project(tmp_path_factory) -> Path:
     import torch
 
     from pqk.models.dust3r import build_model, save_model
-    from pqk.pipeline.workload import make_workload, save_workload
+    from pqk.tasks.dust3r.workload import make_workload, save_workload
 
     root = tmp_path_factory.mktemp("plan")
     torch.manual_seed(42)
@@ -113,7 +113,7 @@ def test_plan_runs_caches_and_resumes_after_a_kill(project, tmp_path) -> None:
     assert len(list((run_dir / "steps").glob("distill-*"))) == 1
     log = [json.loads(line) for line in (run_dir / "execution_log.jsonl").read_text().splitlines()]
     assert {"date", "task_id", "input", "output", "verdict", "gpu_hours", "notes"} <= set(log[0])
-    status = json.loads((run_dir / "status.json").read_text())
+    status = json.loads((run_dir / "run.json").read_text())
     assert [e["state"] for e in status["experiments"]] == ["done"] * 5
     assert "K_K1_run1" in (run_dir / "report" / "results.md").read_text()  # pqk run writes the report
     assert (run_dir / "report" / "report.html").is_file()
@@ -146,7 +146,7 @@ def test_stop_policy_marks_dependents_stopped(project, tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pqk", "run", str(project / "stop.yaml"), "--out", str(tmp_path), "--repeats", "5"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    status = {e["id"]: e for e in json.loads((tmp_path / "tinystop" / "status.json").read_text())["experiments"]}
+    status = {e["id"]: e for e in json.loads((tmp_path / "tinystop" / "run.json").read_text())["experiments"]}
     assert status["K"]["verdict"] == "stop"
     assert status["KQ"]["state"] == "stopped" and "K: gate stop" in status["KQ"]["reasons"][0]
 

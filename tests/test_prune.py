@@ -298,7 +298,7 @@ def test_prune_step_finetunes_and_saves(tmp_path, base, tiny_calib):
 
 
 def test_cli_prune_writes_records_and_gate(tmp_path, base):
-    from pqk.pipeline.workload import make_workload, save_workload
+    from pqk.tasks.dust3r.workload import make_workload, save_workload
 
     w = make_workload(n_pairs=2, n_scenes=1, views=4, resolution=64, real_check=False, scene_level=0)
     workload = save_workload(w, tmp_path / "workload.yaml")

@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
     import torch
 
     from pqk.models.dust3r import build_model, save_model
-    from pqk.pipeline.workload import make_workload, save_workload
+    from pqk.tasks.dust3r.workload import make_workload, save_workload
 
     root = tmp_path_factory.mktemp("q")
     torch.manual_seed(42)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pqk.errors import InputError
-from pqk.pipeline.evaluate import EvalOptions, depth_baselines, evaluate
-from pqk.pipeline.workload import load_scenes, load_workload, make_workload, save_workload
+from pqk.pipeline.evaluate import EvalOptions, evaluate
+from pqk.tasks.dust3r.measure import depth_baselines
+from pqk.tasks.dust3r.workload import load_scenes, load_workload, make_workload, save_workload
 
 
 @pytest.fixture(scope="module")

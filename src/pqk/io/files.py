@@ -42,3 +42,16 @@ def ensure_writable_dir(folder: Path) -> None:
         raise InputError(f"output folder {folder} cannot be created ({exc.strerror})") from None
     if not os.access(folder, os.W_OK):
         raise InputError(f"output folder {folder} is not writable")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every dict key a string and every leaf JSON can hold (others as repr)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)

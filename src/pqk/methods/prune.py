@@ -243,7 +243,7 @@ def calibration_quality(model: nn.Module, calib: Sequence[dict], batch_size: int
     view 1 only, but the second decoder's last block reaches view 2 only: scored on view 1 alone
     it would look free to prune. `view1_*` are the record's figures."""
     from pqk.data.pair_batches import collate_pairs
-    from pqk.tasks.dust3r_metrics import aggregate_depth_metrics, depth_metrics
+    from pqk.tasks.dust3r.metrics import aggregate_depth_metrics, depth_metrics
     from pqk.train.losses import conf_regression_loss
 
     was_training = model.training

@@ -24,7 +24,7 @@ from pqk.errors import ConfigError
 from pqk.measure.latency import interleaved_latency
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.methods.base import StepContext, StepResult
-from pqk.pipeline.workload import Workload
+from pqk.tasks.dust3r.workload import Workload
 
 RUNTIMES = ("onnxruntime", "onednn")
 QAT_MODES = ("auto", "always", "never")
@@ -72,7 +72,7 @@ def budget_calibration(spec: QuantSpec, budget: float) -> tuple[QuantSpec, list[
 
 def _pair_inputs(height: int, width: int) -> tuple[dict, dict]:
     from pqk.data.scenes import generate_scene
-    from pqk.pipeline.evaluate import scene_view
+    from pqk.tasks.dust3r.measure import scene_view
 
     seed = 3_999_999  # a calibration-range scene: never an evaluation pair
     scene = generate_scene(seed, n_views=2, width=width, height=height)

@@ -31,29 +31,22 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
-import statistics
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pqk.errors import ConfigError, InputError
+from pqk.errors import InputError
+from pqk.measure.probe import CostModel, Costing, Item, Probe
+from pqk.measure.money import DEFAULT_RATE_USD_PER_H
+from pqk.pipeline.plan import Experiment, Plan, PlanStep, estimate_range
 
 if TYPE_CHECKING:  # torch is imported where it is used: a bad --gpu fails before it loads
-    import torch
     import torch.nn as nn
 
-GPUS = ("a100", "h100", "cpu")
-METHODS = ("distill", "prune", "quantize", "joint")
-DEFAULT_RATE_USD_PER_H = 6.88  # the user's plan (document 000): H100 at $6.88/h
+    from pqk.tasks.base import Task
 
-# The frozen workload of the protocol when no workload file is found (configs/workload.yaml).
-_DEFAULT_WORKLOAD = {"width": 512, "height": 384, "pairs": 20, "real_pairs": 2, "scene_level": 1,
-                     "views": 8, "scene_graph": "swin-4", "symmetrize": True}
-_LATENCY_PASSES = 3 + 30  # EvalOptions: 3 warm-up + 30 timed pairs
-_DEFAULT_CONFIGS = {"distill": "configs/distill.yaml", "prune": "configs/prune.yaml", "quantize": "configs/quant.yaml",
-                    "joint": "configs/joint.yaml"}
+GPUS = ("a100", "h100", "cpu")
 
 
 # --- factors: probe FLOPs -> device time ----------------------------------------------------
@@ -116,507 +109,27 @@ def parse_speedup(value: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
-# --- the plan file, read leniently --------------------------------------------------------------
-
-
-@dataclass
-class PlanStep:
-    method: str
-    config: Path | None  # resolved; None when the file is not there
-    config_name: str  # as written in the plan
-    options: dict  # every other key of the step (run, rho, ratio, qat, ...)
-
-    def key(self) -> str:
-        return json.dumps([self.method, str(self.config or self.config_name), self.options], sort_keys=True, default=str)
-
-    def label(self) -> str:
-        extra = ", ".join(f"{k} {v}" for k, v in self.options.items())
-        return self.method + (f" ({extra})" if extra else "")
-
-
-@dataclass
-class PlanExperiment:
-    id: str
-    steps: list[PlanStep]
-    estimate_h100: tuple[float, float] | None = None
-    description: str = ""
-
-
-@dataclass
-class PlanFile:
-    name: str
-    path: Path
-    description: str
-    experiments: list[PlanExperiment]
-    estimate_total_h100: tuple[float, float] | None
-    workload: Path | None
-    teacher: str | None
-    budget: float | None = None  # the budget `pqk run` uses for this plan
-    notes: list[str] = field(default_factory=list)
-
-
-def _estimate(value: Any) -> tuple[float, float] | None:
-    """The plan document's figure: 45, [140, 150] or '140-150' -> (low, high)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value), float(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-        return float(min(value)), float(max(value))
-    if isinstance(value, str):
-        nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", value)]
-        if 1 <= len(nums) <= 2:
-            return min(nums), max(nums)
-    return None
-
-
-def resolve_near(name: str | Path, anchor: Path) -> Path | None:
-    """A path as written in a plan: absolute, relative to the working folder, or relative to
-    any folder above the plan file (a plan copied into runs/<plan>/ still finds configs/)."""
-    path = Path(name)
-    if path.is_absolute():
-        return path if path.exists() else None
-    for base in [Path.cwd(), *Path(anchor).resolve().parents]:
-        if (base / path).exists():
-            return base / path
-    return None
-
-
-def read_plan(path: str | Path) -> PlanFile:
-    """The plan YAML (configs/plans/*.yaml): name, experiments with their method steps, and the
-    plan document's H100-hour estimates (`estimate_h100_hours: {total: 45, K: 20}` at the top,
-    or `estimate_h100_hours: 20` in an experiment)."""
-    from pqk.yaml_io import read_yaml
-
-    path = Path(path)
-    data = read_yaml(path, "plan", "see configs/plans/minimal.yaml", invalid=ConfigError)
-    if not isinstance(data, dict) or not isinstance(data.get("experiments"), list) or not data["experiments"]:
-        raise ConfigError(f"plan {path} must be a mapping with a non-empty 'experiments' list")
-    top = data.get("estimate_h100_hours")
-    top = top if isinstance(top, dict) else ({"total": top} if top is not None else {})
-    notes: list[str] = []
-    experiments: list[PlanExperiment] = []
-    for k, raw in enumerate(data["experiments"]):
-        if not isinstance(raw, dict) or not raw.get("id"):
-            raise ConfigError(f"plan {path}: experiment {k + 1} needs an 'id' (e.g. id: K)")
-        exp_id = str(raw["id"])
-        if any(e.id == exp_id for e in experiments):
-            raise ConfigError(f"plan {path}: two experiments have the id {exp_id!r}")
-        raw_steps = raw.get("steps") or []
-        if not isinstance(raw_steps, list):
-            raise ConfigError(f"plan {path}: experiment {exp_id}: 'steps' must be a list of {{method: ..., config: ...}}")
-        steps = []
-        for s in raw_steps:
-            if isinstance(s, str):
-                s = {"method": s}
-            if not isinstance(s, dict) or not s.get("method"):
-                raise ConfigError(f"plan {path}: experiment {exp_id}: a step needs a 'method' ({', '.join(METHODS)})")
-            options = {str(k2): v for k2, v in s.items() if k2 not in ("method", "config")}
-            name = s.get("config") or _DEFAULT_CONFIGS.get(str(s["method"]), f"configs/{s['method']}.yaml")
-            steps.append(PlanStep(str(s["method"]), resolve_near(name, path), str(name), options))
-        estimate = _estimate(raw.get("estimate_h100_hours", top.get(exp_id)))
-        experiments.append(PlanExperiment(exp_id, steps, estimate, str(raw.get("description", ""))))
-    workload = data.get("workload")
-    workload_path = resolve_near(workload or "configs/workload.yaml", path)
-    if workload and workload_path is None:
-        notes.append(f"workload {workload} not found: the protocol's workload shape assumed (512x384, 20 pairs)")
-    return PlanFile(
-        name=str(data.get("name") or path.stem), path=path, description=str(data.get("description", "")),
-        experiments=experiments, estimate_total_h100=_estimate(top.get("total")), workload=workload_path,
-        teacher=None if data.get("teacher") is None else str(data["teacher"]),
-        budget=float(data["budget"]) if isinstance(data.get("budget"), (int, float)) else None, notes=notes,
-    )
-
-
-def _config(step: PlanStep, notes: list[str]) -> dict:
-    """The step's config file as a mapping ({} with a note when it is not there yet)."""
-    from pqk.yaml_io import read_yaml
-
-    if step.config is None:
-        notes.append(f"{step.config_name} not found: {step.method} costed with the trainer's defaults")
-        return {}
-    data = read_yaml(step.config, f"{step.method} config", invalid=ConfigError)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{step.method} config {step.config} must be a mapping")
-    return data
-
-
-def _train_spec(mapping: Any, where: str, notes: list[str], budget: float):
-    """A TrainSpec from whatever TrainSpec-like mapping a config holds; unknown keys are noted,
-    not fatal (the method's own loader is the validator)."""
-    from pqk.train.trainer import TrainSpec
-
-    mapping = dict(mapping or {}) if isinstance(mapping, dict) else {}
-    known = {f.name for f in fields(TrainSpec)}
-    unknown = sorted(str(k) for k in mapping if k not in known)
-    if unknown:
-        notes.append(f"{where}: training keys not costed: {', '.join(unknown)}")
-    try:
-        spec = TrainSpec(**{k: v for k, v in mapping.items() if k in known})
-    except (ConfigError, TypeError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return spec.scaled(budget) if budget != 1.0 else spec
-
-
-def _workload_shape(path: Path | None, notes: list[str]) -> dict:
-    """Evaluation shape and pass count of the frozen workload (read without loading scenes)."""
-    from pqk.data.pairs import make_pair_indices
-    from pqk.yaml_io import read_yaml
-
-    shape = dict(_DEFAULT_WORKLOAD)
-    if path is None:
-        notes.append("no workload file found: the protocol's workload assumed (512x384, 20 pairs, 1 scene of 8 views)")
-    else:
-        data = read_yaml(path, "workload", invalid=ConfigError) or {}
-        src = data.get("data") if isinstance(data.get("data"), dict) else {}
-        shape.update(
-            width=int(src.get("width", shape["width"])), height=int(src.get("height", shape["height"])),
-            pairs=len(data.get("pairs") or []) or int(data.get("n_pairs", shape["pairs"])),
-            real_pairs=len(data.get("real_pairs") or []), scene_level=len(data.get("scene_level") or []),
-            views=int(src.get("views", shape["views"])), scene_graph=str(data.get("scene_graph", shape["scene_graph"])),
-            symmetrize=bool(data.get("symmetrize", True)),
-        )
-    scene_pairs = len(make_pair_indices(shape["views"], shape["scene_graph"], symmetrize=shape["symmetrize"]))
-    shape["passes"] = shape["pairs"] + shape["real_pairs"] + _LATENCY_PASSES + shape["scene_level"] * scene_pairs
-    shape["scene_pairs"] = scene_pairs
-    return shape
-
-
-# --- the probe ------------------------------------------------------------------------------
-
-
-def _views(batch: int, height: int, width: int) -> tuple[dict, dict]:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    shape = torch.tensor([[height, width]] * batch, dtype=torch.int32)
-    return ({"img": torch.randn(batch, 3, height, width, generator=gen), "true_shape": shape},
-            {"img": torch.randn(batch, 3, height, width, generator=gen), "true_shape": shape.clone()})
-
-
-def _surrogate_loss(res1: dict, res2: dict) -> torch.Tensor:
-    # A scalar of every output map: its backward pass spans the whole network, as the real
-    # losses' do (their own arithmetic is negligible next to the network's).
-    import torch
-
-    terms = [v.float().mean() for r in (res1, res2) for v in r.values() if torch.is_tensor(v) and v.is_floating_point()]
-    return torch.stack(terms).sum()
-
-
-class Probe:
-    """FLOPs and measured seconds of one training step / one forward pass, per (model, shape);
-    each probed once. `rows` lists what was measured, for the report."""
-
-    def __init__(self, steps: int = 3, log: Callable[[str], None] | None = None, max_seconds: float = 6.0):
-        if steps < 1:
-            raise InputError(f"--probe-steps {steps} is not accepted; expected an integer >= 1")
-        self.steps = steps
-        self.max_seconds = max_seconds  # a slow probe stops timing early (at least one timed step)
-        self.log = log or (lambda _m: None)
-        self.cache: dict[tuple, tuple[float, float]] = {}
-        self.rows: list[dict] = []
-
-    def train_step(self, name: str, model: nn.Module, width: int, height: int, batch: int,
-                   target: nn.Module | None = None, target_name: str = "") -> tuple[float, float]:
-        """(FLOPs, seconds) of one optimizer step of `model` (+ a frozen forward of `target`)."""
-        import torch
-
-        key = ("train", name, width, height, batch, target_name if target is not None else "")
-        if key in self.cache:
-            return self.cache[key]
-        self.log(f"probe: training step of {name} at {width}x{height}, batch {batch}"
-                 + (f" (+ {target_name} forward)" if target is not None else ""))
-        # A copy: the probe's AdamW steps must not touch the model (a frozen teacher trains here too).
-        work = copy.deepcopy(model).train().requires_grad_(True)
-        params = list(work.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-6)
-        v1, v2 = _views(batch, height, width)
-
-        def step() -> None:
-            res1, res2 = work(v1, v2)
-            if target is not None:
-                with torch.no_grad():
-                    target(v1, v2)
-            loss = _surrogate_loss(res1, res2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        flops, seconds = self._measure(step)
-        return self._keep(key, flops, seconds, name=name, kind="train step", width=width, height=height,
-                          batch=batch, with_forward_of=target_name if target is not None else None)
-
-    def forward(self, name: str, model: nn.Module, width: int, height: int) -> tuple[float, float]:
-        """(FLOPs, seconds) of one batch-1 forward pass (evaluation, validation, calibration)."""
-        import torch
-
-        key = ("forward", name, width, height, 1, "")
-        if key in self.cache:
-            return self.cache[key]
-        self.log(f"probe: forward of {name} at {width}x{height}")
-        model = model.eval()
-        v1, v2 = _views(1, height, width)
-
-        def step() -> None:
-            with torch.inference_mode():
-                model(v1, v2)
-
-        flops, seconds = self._measure(step)
-        return self._keep(key, flops, seconds, name=name, kind="forward", width=width, height=height, batch=1,
-                          with_forward_of=None)
-
-    def _measure(self, step: Callable[[], None]) -> tuple[float, float]:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        with counter:  # the warm-up step is the counted one (counting slows it down)
-            step()
-        times: list[float] = []
-        while len(times) < self.steps and (not times or sum(times) < self.max_seconds):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return float(counter.get_total_flops()), statistics.median(times)
-
-    def _keep(self, key: tuple, flops: float, seconds: float, **row: Any) -> tuple[float, float]:
-        self.cache[key] = (flops, seconds)
-        self.rows.append({**row, "gflops": round(flops / 1e9, 4), "seconds": round(seconds, 5),
-                          "achieved_gflops_per_s": round(flops / 1e9 / seconds, 2) if seconds > 0 else None})
-        return flops, seconds
-
-
-# --- cost models of the methods ---------------------------------------------------------------
-
-
-@dataclass
-class Item:
-    """One line of an experiment's bill: `count` repetitions of a probed unit of work."""
-
-    step: str  # "distill K-1", "prune", "quantize", "evaluation"
-    what: str
-    flops: float = 0.0
-    cpu_seconds: float = 0.0
-    reused_from: str | None = None  # the runner's step cache: counted in that experiment
-    conditional: str | None = None  # when it runs only sometimes (QAT under --qat auto)
-
-
-@dataclass
-class _Model:
-    name: str
-    module: nn.Module
-    ratio: float | None = None  # the distillation ratio it was derived with
-
-
-class _Costing:
-    """Walks a plan's experiments, model by model, and prices each step."""
-
-    def __init__(self, teacher: nn.Module, teacher_name: str, probe: Probe, budget: float, shape: dict, notes: list[str]):
-        self.teacher = _Model(teacher_name, teacher)
-        self.probe = probe
-        self.budget = budget
-        self.shape = shape
-        self.notes = notes
-
-    def _note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-
-    def train(self, step: str, label: str, model: _Model, spec, target: _Model | None) -> list[Item]:
-        """A training run: steps x train-step probe, plus validation pairs every epoch."""
-        flops, secs = self.probe.train_step(model.name, model.module, spec.width, spec.height, spec.batch_size,
-                                            target.module if target else None, target.name if target else "")
-        n = spec.epochs * spec.steps_per_epoch
-        vf, vs = self.probe.forward(model.name, model.module, spec.width, spec.height)
-        nv = spec.epochs * spec.val_pairs
-        return [
-            Item(step, f"{label}: {spec.epochs} epochs x {spec.steps_per_epoch} steps, batch {spec.batch_size} "
-                       f"at {spec.width}x{spec.height}" + (f" (+ {target.name} forward)" if target else ""),
-                 n * flops, n * secs),
-            Item(step, f"{label} validation: {spec.epochs} epochs x {spec.val_pairs} pairs", nv * vf, nv * vs),
-        ]
-
-    def forwards(self, step: str, what: str, model: _Model, count: int, width: int, height: int) -> Item:
-        f, s = self.probe.forward(model.name, model.module, width, height)
-        return Item(step, what, count * f, count * s)
-
-    def evaluation(self, model: _Model, what: str = "evaluation") -> Item:
-        sh = self.shape
-        return self.forwards(
-            "evaluation",
-            f"{what}: {sh['passes']} passes at {sh['width']}x{sh['height']} ({sh['pairs']} pairs, {sh['real_pairs']} real, "
-            f"{_LATENCY_PASSES} latency, {sh['scene_level']} scene x {sh['scene_pairs']} pairs)",
-            model, sh["passes"], sh["width"], sh["height"])
-
-    # -- distill
-    def distill(self, step: PlanStep, model: _Model, where: str) -> tuple[list[Item], _Model]:
-        from pqk.methods.distill import derive_student
-
-        cfg = _config(step, self.notes)
-        shared = cfg.get("train") or {}
-        runs_cfg = cfg.get("runs") or {}
-        if isinstance(runs_cfg, list):  # a list of {name: K-1, ...} is read as well as a mapping
-            runs_cfg = {str(r.get("name") or r.get("id") or f"run{k + 1}"): r for k, r in enumerate(runs_cfg) if isinstance(r, dict)}
-        select = cfg.get("select") or {}
-        wanted = step.options.get("run", step.options.get("runs"))
-        if wanted is None:  # as the runner: the config's first run
-            names = list(runs_cfg)[:1] or ["default"]
-        else:
-            names = []
-            for name in (wanted if isinstance(wanted, list) else str(wanted).split(",")):
-                name = str(name).strip()
-                if name in select:
-                    names += [str(m) for m in select[name]]
-                elif name in runs_cfg or not runs_cfg:
-                    names.append(name)
-                else:
-                    accepted = ", ".join([*runs_cfg, *select])
-                    raise ConfigError(f"{where}: distill run {name!r} is not in {step.config_name}; accepted: {accepted}")
-        items: list[Item] = []
-        student: _Model | None = None
-        for name in dict.fromkeys(names):
-            run = runs_cfg.get(name) or {}
-            ratio = float(step.options.get("ratio", run.get("ratio", cfg.get("ratio", 0.3))))
-            train = {**shared, **(run.get("train") or {})}
-            spec = _train_spec(train, f"{where}: {step.config_name} run {name}", self.notes, self.budget)
-            if student is None or ratio != student.ratio:
-                module = derive_student(model.module, ratio) if ratio > 0 else copy.deepcopy(model.module)
-                student = _Model(f"student r={ratio:g} of {model.name}" if ratio > 0 else model.name, module, ratio)
-            target = None if run.get("task_only") else self.teacher
-            items += self.train(f"distill {name}", f"distill {name}", student, spec, target)
-        if len(names) > 1:  # a selection (K-4) measures every run to pick the best
-            for name in names[1:]:
-                items.append(self.evaluation(student, f"evaluation of run {name} (selection)"))
-        return items, student
-
-    # -- prune
-    def prune(self, step: PlanStep, model: _Model, where: str) -> tuple[list[Item], _Model]:
-        cfg = _config(step, self.notes)
-        rhos = step.options.get("rho", cfg.get("rho", 0.3))
-        rhos = [float(r) for r in (rhos if isinstance(rhos, list) else [rhos])]
-        allocation = str(step.options.get("allocation", cfg.get("allocation", "sensitivity")))
-        calib = cfg.get("calibration") or {}
-        cw, ch = int(calib.get("width", 512)), int(calib.get("height", 384))
-        n_pairs = int(calib.get("n_pairs", 8))
-        items: list[Item] = []
-        if allocation == "sensitivity":
-            ratios = cfg.get("sensitivity_ratios") or [0.25, 0.5, 0.75]
-            units = _prunable_unit_count(model.module)
-            trials = 1 + units * len(ratios)
-            items.append(self.forwards("prune", f"sensitivity: {trials} trials x {n_pairs} pairs at {cw}x{ch}",
-                                       model, trials * n_pairs, cw, ch))
-        pruned = model
-        finetune = cfg.get("finetune")
-        if not finetune:
-            self._note(f"{where}: {step.config_name} has no 'finetune' settings: no fine-tuning costed")
-        for rho in rhos:
-            pruned = _Model(f"pruned rho={rho:g} of {model.name}", _pruned_copy(model.module, rho, self.notes))
-            if finetune:
-                spec = _train_spec(finetune, f"{where}: {step.config_name} finetune", self.notes, self.budget)
-                items += self.train("prune", f"fine-tune rho {rho:g}", pruned, spec, None)
-        if len(rhos) > 1:
-            self._note(f"{where}: prune lists rho {rhos}: the next steps continue from rho {rhos[-1]:g}")
-        return items, pruned
-
-    # -- quantize
-    def quantize(self, step: PlanStep, model: _Model, where: str) -> tuple[list[Item], _Model]:
-        from pqk.methods.quantize import DEFAULT_QAT
-
-        cfg = _config(step, self.notes)
-        calib = cfg.get("calibration") or {}
-        size = int(step.options.get("calibration_size", step.options.get("calib", calib.get("size", 512))))
-        size = max(1, round(size * self.budget)) if self.budget != 1.0 else size
-        sh = self.shape
-        items = [self.forwards("quantize", f"PTQ calibration: {size} pairs at {sh['width']}x{sh['height']}",
-                               model, size, sh["width"], sh["height"])]
-        mode = str(step.options.get("qat", "auto"))
-        if mode != "never":
-            qat = {**DEFAULT_QAT, **(cfg.get("qat") or {})}
-            spec = _train_spec(qat.get("train") or DEFAULT_QAT["train"], f"{where}: {step.config_name} qat.train",
-                               self.notes, self.budget)
-            target = _Model(f"{model.name} (FP32 target)", model.module) if float(qat.get("teacher_weight", 0.5)) > 0 else None
-            for item in self.train("quantize", "QAT", model, spec, target):
-                if mode == "auto":
-                    item.conditional = "QAT runs only when PTQ misses the gate (qat: auto)"
-                items.append(item)
-        return items, model
-
-
-    # -- joint PQK
-    def joint(self, step: PlanStep, model: _Model, where: str) -> tuple[list[Item], _Model]:
-        """One distillation run's training (masks and fake quantization cost nothing extra per
-        step) + calibration twice (at fake-quant onset and at export) + the FP32 reference's
-        evaluation; the model that leaves is the student pruned by rho."""
-        cfg = _config(step, self.notes)
-        anchor = step.config or Path(step.config_name)
-
-        def sub(method: str, key: str, default: str, options: dict) -> PlanStep:
-            name = str((cfg.get(key) or {}).get("config", default))
-            return PlanStep(method, resolve_near(name, anchor), name, options)
-
-        run = step.options.get("run", (cfg.get("distill") or {}).get("run", "K-1"))
-        items, student = self.distill(sub("distill", "distill", "distill.yaml", {"run": run}), model, where)
-        calib, _ = self.quantize(sub("quantize", "quantize", "quant.yaml", {"qat": "never"}), student, where)
-        items = [replace(it, step="joint") for it in items + calib + calib]
-        rho = float(step.options.get("rho", (cfg.get("prune") or {}).get("rho", 0.1)))
-        pruned = _Model(f"joint rho={rho:g} of {student.name}", _pruned_copy(student.module, rho, self.notes))
-        items.append(self.evaluation(pruned, "evaluation of the joint model's FP32 reference"))
-        return items, pruned
-
-
-def _prunable_unit_count(model: nn.Module) -> int:
-    try:
-        from pqk.methods.prune import prunable_units
-
-        return len(prunable_units(model, True, True))
-    except Exception:  # a model the pruner does not know: one head and one FFN unit per block
-        return 2 * sum(len(getattr(model, s, [])) for s in ("enc_blocks", "dec_blocks", "dec_blocks2"))
-
-
-def _pruned_copy(model: nn.Module, rho: float, notes: list[str]) -> nn.Module:
-    """The model with `rho` of its prunable parameters removed: L1 importance, uniform
-    allocation (the sensitivity allocation removes the same share, so the FLOPs are close)."""
-    try:
-        from pqk.methods.prune import PruneSpec, allocate_uniform, apply_pruning, importance_scores, prunable_units
-
-        spec = PruneSpec(rho=rho, allocation="uniform")
-        # Torch-Pruning traces the graph through autograd: a frozen teacher has to thaw first.
-        model = copy.deepcopy(model).requires_grad_(True)
-        units = prunable_units(model, True, True)
-        counts = allocate_uniform(units, rho, spec)
-        return apply_pruning(model, units, importance_scores(model, units, "l1"), counts).eval().requires_grad_(False)
-    except Exception as exc:  # never fail an estimate on this: the unpruned model is an upper bound
-        note = f"could not build a pruned copy ({type(exc).__name__}): pruned steps costed on the unpruned model"
-        if note not in notes:
-            notes.append(note)
-        return model
-
-
 # --- the estimate -----------------------------------------------------------------------------
 
 
-def _load_teacher(teacher: Any, plan: PlanFile, notes: list[str]) -> tuple[nn.Module, str]:
+def _load_teacher(teacher: Any, plan: Plan, task: Task, notes: list[str]) -> tuple[nn.Module, str]:
     import torch.nn as nn
-
-    from pqk.assets import default_checkpoint
-    from pqk.models.dust3r import count_parameters, load_checkpoint
 
     if isinstance(teacher, nn.Module):
         module, name = copy.deepcopy(teacher), "teacher"
     else:
-        path = teacher or (resolve_near(plan.teacher, plan.path) if plan.teacher else None)
-        if teacher is None and plan.teacher and path is None:
-            raise InputError(f"plan teacher {plan.teacher} does not exist; pass --teacher")
+        path = teacher or plan.teacher
+        if teacher is None and plan.teacher_name and not Path(plan.teacher).exists():
+            raise InputError(f"plan teacher {plan.teacher_name} does not exist; pass --teacher")
         if path is None:
-            path, _ = default_checkpoint()
+            path, _ = task.default_model()
             notes.append("teacher: the bundled 5.2M-parameter DUSt3R (pass --teacher for the official ViT-Large, "
                          "which the plan document's estimates are for)")
         if not Path(path).exists():
             raise InputError(f"--teacher {path} does not exist")
-        module, name = load_checkpoint(path, device="cpu"), "teacher"
+        module, name = task.load_model(path, device="cpu"), "teacher"
     module.eval().requires_grad_(False)
-    return module, f"{name} ({count_parameters(module) / 1e6:.2f}M params)"
+    return module, f"{name} ({task.count_parameters(module) / 1e6:.2f}M params)"
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -644,8 +157,12 @@ def estimate_plan(
     Returns a JSON-ready dict: `experiments` (id, items with their hours/usd as [low, high],
     totals, the plan document's H100 estimate), `total`, `probe` (what was measured), `factors`
     and `notes`. `teacher`: a checkpoint path or a module (default: the plan's, else the bundled
-    one)."""
+    one). The plan is read by the one plan loader, leniently: a draft whose config files do not
+    exist yet is still costed, and what could not be read becomes a note."""
     import torch
+
+    from pqk.pipeline.plan import load_plan
+    from pqk.tasks import get_task
 
     gpu = check_gpu(gpu)
     if not isinstance(rate, (int, float)) or rate < 0 or not math.isfinite(rate):
@@ -653,45 +170,18 @@ def estimate_plan(
     if not isinstance(budget, (int, float)) or not budget > 0 or not math.isfinite(budget):
         raise InputError(f"--budget {budget!r} is not accepted; expected a number > 0")
     factors = factors or Factors()
-    plan = read_plan(plan_path)
+    plan = load_plan(plan_path, strict=False)
+    task = get_task(plan.task)
     notes = list(plan.notes)
-    if plan.budget is not None and plan.budget != budget:
+    if plan.budget_set and plan.budget != budget:
         notes.append(f"the plan sets budget {plan.budget:g} (what pqk run uses); this estimate is at budget {budget:g}")
-    say = log or (lambda _m: None)
-    module, teacher_desc = _load_teacher(teacher, plan, notes)
-    shape = _workload_shape(plan.workload, notes)
-    probe = Probe(probe_steps, say)
-    costing = _Costing(module, "teacher", probe, float(budget), shape, notes)
+    module, teacher_desc = _load_teacher(teacher, plan, task, notes)
+    shape = task.evaluation_shape(plan.workload, notes)
+    probe = Probe(task, probe_steps, log or (lambda _m: None))
+    costing = Costing(module, "teacher", probe, float(budget), shape, notes)
     started = time.perf_counter()
-
-    # The runner's step cache: a chain of steps already paid for by an earlier experiment is
-    # reused, so the plan pays for it once ("hours"); "hours_with_shared" counts it again, as the
-    # experiment's record does (its gpu_hours include every step it needed).
-    done: dict[str, tuple[str, _Model, list[Item]]] = {}
-    experiments = []
-    for exp in plan.experiments:
-        items: list[Item] = []
-        model = costing.teacher
-        chain: list[str] = []
-        for k, step in enumerate(exp.steps):
-            chain.append(step.key())
-            key = "|".join(chain)
-            if key in done:
-                paid_by, model, paid = done[key]
-                items += [replace(it, what=f"{it.what} (cached from {paid_by})", reused_from=paid_by) for it in paid]
-                continue
-            where = f"experiment {exp.id}, step {k + 1}"
-            if step.method not in METHODS:
-                costing._note(f"{where}: no cost model for method {step.method!r} (known: {', '.join(METHODS)}); not counted")
-                new_items = [Item(step.method, f"{step.label()}: not costed")]
-            else:
-                new_items, model = getattr(costing, step.method)(step, model, where)
-            items += new_items
-            done[key] = (exp.id, model, new_items)
-        items.append(costing.evaluation(model))
-        experiments.append(_priced(exp, items, gpu, rate, factors))
-
-    doc_total = plan.estimate_total_h100
+    experiments = [_priced(exp, items, gpu, rate, factors) for exp, items in _bills(plan, costing)]
+    doc_total = estimate_range(plan.estimates.get("total"))
     if doc_total is None and all(e.estimate_h100 for e in plan.experiments):
         doc_total = (sum(e.estimate_h100[0] for e in plan.experiments), sum(e.estimate_h100[1] for e in plan.experiments))
     result = {
@@ -713,7 +203,44 @@ def estimate_plan(
     return result
 
 
-def _priced(exp: PlanExperiment, items: list[Item], gpu: str, rate: float, factors: Factors) -> dict:
+def _step_key(step: PlanStep) -> str:
+    return json.dumps([step.method, str(step.config or step.config_name), step.options], sort_keys=True, default=str)
+
+
+def _bills(plan: Plan, costing: Costing) -> list[tuple[Experiment, list[Item]]]:
+    """Every experiment's work items, each step priced by its method. The runner's step cache: a
+    chain of steps already paid for by an earlier experiment is reused, so the plan pays for it
+    once ("hours"); "hours_with_shared" counts it again, as the experiment's record does (its
+    gpu_hours include every step it needed)."""
+    from pqk.methods.base import get_method, method_names
+
+    done: dict[str, tuple[str, CostModel, list[Item]]] = {}
+    bills = []
+    for exp in plan.experiments:
+        items: list[Item] = []
+        model = costing.teacher
+        chain: list[str] = []
+        for k, step in enumerate(exp.steps):
+            chain.append(_step_key(step))
+            key = "|".join(chain)
+            if key in done:
+                paid_by, model, paid = done[key]
+                items += [replace(it, what=f"{it.what} (cached from {paid_by})", reused_from=paid_by) for it in paid]
+                continue
+            where = f"experiment {exp.id}, step {k + 1}"
+            if step.method not in method_names():
+                costing.note(f"{where}: no cost model for method {step.method!r} (known: {', '.join(method_names())}); not counted")
+                new_items = [Item(step.method, f"{step.label()}: not costed")]
+            else:
+                new_items, model = get_method(step.method).cost(costing, step, model, where)
+            items += new_items
+            done[key] = (exp.id, model, new_items)
+        items.append(costing.evaluation(model))
+        bills.append((exp, items))
+    return bills
+
+
+def _priced(exp: Experiment, items: list[Item], gpu: str, rate: float, factors: Factors) -> dict:
     rows = [{"step": it.step, "what": it.what, "flops": it.flops, "gflops": round(it.flops / 1e9, 3),
              "cpu_seconds": _sig(it.cpu_seconds, 6), "reused_from": it.reused_from, "conditional": it.conditional}
             for it in items]
@@ -862,5 +389,4 @@ def footer_lines(result: dict) -> list[str]:
     return lines + [f"note: {n}" for n in result["notes"]]
 
 
-__all__ = ["Factors", "GPUS", "METHODS", "Probe", "check_gpu", "estimate_plan", "estimate_table", "format_range",
-           "parse_speedup", "read_plan", "reprice", "resolve_near"]
+__all__ = ["Factors", "GPUS", "check_gpu", "estimate_plan", "estimate_table", "format_range", "parse_speedup", "reprice"]

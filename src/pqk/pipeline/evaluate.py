@@ -1,13 +1,10 @@
 """The one evaluation function: every figure of a record is measured here, on the frozen
-workload, for any model and backend.
+workload, for any model, backend and family.
 
-Quality: depth of view 1 of each of the workload's pairs (z of `pred1['pts3d']`, in its own
-camera), aligned to ground truth by one scale per view, the median of GT/pred over valid
-pixels (the per-image median scaling of monocular and multi-view depth benchmarks; DUSt3R's
-pointmaps have no metric scale); AbsRel, RMSE, δ<1.25 pooled over all pixels. Chamfer: the
-scene-level scenes are reconstructed (all pairs of the workload's graph + global alignment),
-the world pointmaps are brought into the GT frame by the Sim(3) fitted (Umeyama) on pixel
-correspondences, then accuracy/completeness/Chamfer over GT-valid pixels.
+The family's adapter measures what is its own (quality on its workload, latency over its
+inputs, e.g. DUSt3R's scene time: `Task.measure`); this module adds what is the same for
+every family (parameters, FLOPs, size, peak memory, device-hours and money) and assembles
+the record, so no other code writes a quality or speed figure.
 """
 
 from __future__ import annotations
@@ -18,27 +15,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from pqk.data.images import normalize_array
-from pqk.data.pairs import make_pair_indices
-from pqk.errors import InputError
-from pqk.measure.latency import time_calls
-from pqk.measure.resources import (
-    artifact_megabytes,
-    cuda_peak_gigabytes,
-    forward_gflops,
-    params_millions,
-    peak_rss_megabytes,
-)
-from pqk.pipeline.record import Record, nan_fields, now_iso
-from pqk.pipeline.workload import Workload, load_scenes
-from pqk.tasks.dust3r_metrics import aggregate_depth_metrics, chamfer, depth_metrics
+from pqk.measure.resources import artifact_megabytes, cuda_peak_gigabytes, peak_rss_megabytes
+from pqk.pipeline.record import nan_fields, now_iso
 
-BACKENDS = ("torch", "onnxruntime")
-DEFAULT_RATE_USD_PER_H = 6.88  # the user's plan (document 000): H100 at $6.88/h
+if TYPE_CHECKING:
+    from pqk.methods.base import StepResult
+    from pqk.tasks.base import Task
+
+from pqk.measure.money import DEFAULT_RATE_USD_PER_H  # noqa: E402,F401 (the one place it is set)
 
 
 @dataclass
@@ -51,169 +39,21 @@ class EvalOptions:
 
 @dataclass
 class Evaluation:
-    record: Record
+    record: Any  # the family's record dataclass (pqk.pipeline.record.Record for DUSt3R)
     details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"record": self.record.as_row(), "details": self.details}
 
 
-def scene_view(scene, i: int, device: str = "cpu") -> dict:
-    view = scene.views[i]
-    h, w = view.img.shape[:2]
-    return {
-        "img": normalize_array(view.img)[None].to(device),
-        "true_shape": torch.tensor([[h, w]], dtype=torch.int32, device=device),
-        "idx": [i],
-        "instance": [str(i)],
-    }
-
-
-# --- runners: one callable (view1, view2) -> (res1, res2) per backend ----------------------
-
-
-class TorchRunner:
-    def __init__(self, model: torch.nn.Module, device: str, runtime: str = "torch eager fp32"):
-        self.model = model.to(device).eval()
-        self.device = device
-        self.description = f"{runtime} ({device}, {torch.get_num_threads()} threads)"
-
-    def __call__(self, view1: dict, view2: dict):
-        with torch.inference_mode():
-            return self.model(view1, view2)
-
-    def sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-
-class OrtRunner:
-    """ONNX Runtime over static-shape exports: one exported file per pair of view shapes,
-    so the quality measured is the deployed artifact's."""
-
-    def __init__(self, model: torch.nn.Module | None, onnx_path: Path | None, threads: int | None):
-        from pqk.backends.onnx_export import OrtPairRunner
-
-        self._cls = OrtPairRunner
-        self.model = model
-        self.threads = threads
-        self.tmp = tempfile.TemporaryDirectory(prefix="pqk-ort-")
-        self.sessions: dict[tuple, object] = {}
-        self.fixed = OrtPairRunner(onnx_path, threads=threads) if onnx_path is not None else None
-        self.exported: list[str] = []
-        kind = "fp32" if onnx_path is None else f"file {Path(onnx_path).name}"
-        self.description = f"onnxruntime {kind} (CPUExecutionProvider, {threads or 'default'} threads)"
-
-    def supports(self, view1: dict, view2: dict) -> bool:
-        if self.fixed is None:
-            return True
-        return tuple(self.fixed.input_shapes[0]) == tuple(view1["img"].shape) and tuple(self.fixed.input_shapes[1]) == tuple(view2["img"].shape)
-
-    def __call__(self, view1: dict, view2: dict):
-        if self.fixed is not None:
-            return self.fixed(view1, view2)
-        key = tuple(view1["img"].shape[-2:]) + tuple(view2["img"].shape[-2:])
-        if key not in self.sessions:
-            from pqk.backends.onnx_export import export_onnx
-
-            path = Path(self.tmp.name) / f"model_{'x'.join(map(str, key))}.onnx"
-            export_onnx(self.model, path, key[0], key[1], height2=key[2], width2=key[3])
-            self.exported.append(path.name)
-            self.sessions[key] = self._cls(path, threads=self.threads)
-        return self.sessions[key](view1, view2)
-
-    def sync(self) -> None:
-        pass
-
-
-def _runner(model, backend: str, device: str, onnx_path: Path | None, threads: int | None, runtime: str | None):
-    if backend == "torch":
-        if model is None:
-            raise InputError("--backend torch needs a PyTorch checkpoint, not an .onnx file")
-        return TorchRunner(model, device, runtime or "torch eager fp32")
-    if backend == "onnxruntime":
-        if device != "cpu":
-            raise InputError("--backend onnxruntime runs on the CPU here; use --device cpu")
-        return OrtRunner(model, onnx_path, threads)
-    raise InputError(f"backend {backend!r} is not known; accepted: {', '.join(BACKENDS)}")
-
-
-# --- the measurements ----------------------------------------------------------------------
-
-
-def _pair_quality(runner, scenes: dict, pairs: list, skipped: list) -> tuple[dict, bool]:
-    per_view, finite = [], True
-    for name, i, j in pairs:
-        scene = scenes[name]
-        v1, v2 = scene_view(scene, i), scene_view(scene, j)
-        if hasattr(runner, "supports") and not runner.supports(v1, v2):
-            skipped.append(f"{name}:{i}-{j}")
-            continue
-        res1, _ = runner(v1, v2)
-        depth = res1["pts3d"][0, ..., 2].float().cpu().numpy()
-        finite &= bool(np.isfinite(depth).all())
-        per_view.append(depth_metrics(depth, scene.views[i].depth, scene.views[i].valid))
-    return aggregate_depth_metrics(per_view), finite
-
-
-def depth_baselines(scenes: dict, pairs: list) -> dict:
-    """Trivial predictors scored by the same metric code: a constant depth (the mean GT depth
-    of the workload, no per-view alignment) and the per-view GT median (the best a constant
-    can do with median alignment)."""
-    views = [scenes[n].views[i] for n, i, _ in pairs]
-    mean_depth = float(np.mean([v.depth[v.valid].mean() for v in views]))
-    constant = [depth_metrics(np.full(v.depth.shape, mean_depth, np.float32), v.depth, v.valid, align="none") for v in views]
-    median = [depth_metrics(np.ones(v.depth.shape, np.float32), v.depth, v.valid, align="median") for v in views]
-    keep = ("absrel", "rmse", "delta1")
-    return {
-        "constant_depth": {k: aggregate_depth_metrics(constant)[k] for k in keep} | {"depth": mean_depth},
-        "median_depth": {k: aggregate_depth_metrics(median)[k] for k in keep},
-    }
-
-
-def _scene_level(runner, scene, workload: Workload) -> dict:
-    from pqk.recon.global_alignment import global_alignment
-
-    n = len(scene.views)
-    indices = make_pair_indices(n, workload.scene_graph, symmetrize=workload.symmetrize)
-    s = workload.ga_stride
-    start = time.perf_counter()
-    results = []
-    for i, j in indices:
-        res1, res2 = runner(scene_view(scene, i), scene_view(scene, j))
-        results.append({
-            "view1": {"idx": i}, "view2": {"idx": j},
-            "pred1": {k: v[0, ::s, ::s].float().cpu() for k, v in res1.items()},
-            "pred2": {k: v[0, ::s, ::s].float().cpu() for k, v in res2.items()},
-        })
-    t_pairs = time.perf_counter() - start
-    if not all(torch.isfinite(r[v][k]).all() for r in results for v in ("pred1", "pred2") for k in r[v]):
-        nan = float("nan")
-        return {"scene": scene.name, "n_pairs": len(indices), "t_pairs_s": t_pairs, "t_scene_s": nan,
-                "ga_final_loss": nan, "accuracy": nan, "completeness": nan, "chamfer": nan,
-                "note": "non-finite predictions: no global alignment"}
-    aligned = global_alignment(results, n_images=n, niter=workload.ga_niter, lr=workload.ga_lr,
-                               schedule=workload.ga_schedule, seed=workload.seed)
-    t_scene = time.perf_counter() - start
-    valid = [v.valid[::s, ::s] for v in scene.views]
-    pred = np.concatenate([p.detach().cpu().numpy()[m] for p, m in zip(aligned.pts3d, valid)])
-    gt = np.concatenate([v.pts3d[::s, ::s][m] for v, m in zip(scene.views, valid)])
-    cd = chamfer(pred, gt, align=True, correspondences=(pred, gt))
-    return {"scene": scene.name, "n_pairs": len(indices), "t_pairs_s": t_pairs, "t_scene_s": t_scene,
-            "ga_final_loss": aligned.final_loss, **cd}
-
-
-def _resources(model, first_pair: tuple, artifact: Path | None, device: str) -> dict:
+def _resources(task: Task, model, example, artifact: Path | None, device: str) -> dict:
     out = {"params_M": None, "flops_G": None, "size_MB": None}
     if model is not None:
-        out["params_M"] = params_millions(model)
-        v1, v2 = first_pair
-        out["flops_G"] = forward_gflops(model.to(device).eval(), v1, v2)
+        out["params_M"] = task.count_parameters(model) / 1e6
+        out["flops_G"] = task.gflops(model.to(device).eval(), example)
     if artifact is None and model is not None:
-        from pqk.models.dust3r import save_model
-
         with tempfile.TemporaryDirectory() as tmp:
-            out["size_MB"] = artifact_megabytes(save_model(model, Path(tmp) / "model.safetensors"))
+            out["size_MB"] = artifact_megabytes(task.save_model(model, Path(tmp) / "model.safetensors"))
     else:
         out["size_MB"] = artifact_megabytes(artifact)
     return out
@@ -221,108 +61,81 @@ def _resources(model, first_pair: tuple, artifact: Path | None, device: str) -> 
 
 def evaluate(
     model: torch.nn.Module | None,
-    workload: Workload,
+    workload: Any,
     backend: str = "torch",
     device: str = "cpu",
     *,
     exp_id: str = "P0_teacher_run1",
     combo: str = "teacher",
-    artifact: Path | None = None,
-    onnx_path: Path | None = None,
-    method_fields: dict | None = None,
-    steps_device_hours: float = 0.0,
+    step: StepResult | None = None,
     options: EvalOptions | None = None,
+    data: Any = None,
+    task: Task | None = None,
     progress: Callable[[str], None] | None = None,
-    scenes: dict | None = None,
-    count_model: torch.nn.Module | None = None,
-    runtime: str | None = None,
 ) -> Evaluation:
     """Measure a model on the workload and fill its record (quality, efficiency, resources, cost).
 
-    `model` is a DUSt3R module (None when only an `onnx_path` is evaluated); `artifact` the
-    saved file whose size is reported; `method_fields` the method's slice of the record
-    (rho, T, beta, gamma, bits_w, bits_a, keep_list); `steps_device_hours` the device time the
-    experiment's steps spent before this evaluation; `scenes` the workload's scenes when the
-    caller already loaded (and hash-checked) them; `count_model` the float model whose parameters
-    and FLOPs are counted when `model` is a quantized copy or absent (quantization changes
-    neither count); `runtime` names a non-default torch runtime (e.g. oneDNN INT8)."""
+    `model` is the network to run (None when only an ONNX file is evaluated). `step`, when
+    given, is what a method step produced and supplies everything about the subject instead:
+    the model, how to run it (backend, ONNX file, runtime label), the saved artifact whose size
+    is reported, the float model counted for parameters and FLOPs (quantization changes
+    neither), the method's slice of the record and the device-hours its steps spent.
+    `data` is the workload's data when the caller already loaded (and hash-checked) it;
+    `task` the model family (default DUSt3R)."""
+    from pqk.methods.base import StepResult
+    from pqk.tasks import get_task
+
+    task = task or get_task()
     options = options or EvalOptions()
+    step = step or StepResult(model=model, artifact=None, backend=backend)
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
-    scenes = scenes if scenes is not None else load_scenes(workload)
-    runner = _runner(model, backend, device, onnx_path, options.threads, runtime)
-    notes: list[str] = []
-    skipped: list[str] = []
-
-    say(f"quality on {len(workload.pairs)} pairs")
-    quality, finite = _pair_quality(runner, scenes, workload.pairs, skipped)
-    if not finite:
-        notes.append("non-finite values in predictions")
-    real = None
-    if workload.real_pairs:
-        say("real-photograph check (Middlebury motorcycle)")
-        real, _ = _pair_quality(runner, scenes, workload.real_pairs, skipped)
-    if skipped:
-        notes.append(f"pairs skipped (shape differs from the ONNX model's static input): {len(skipped)}")
-
-    say(f"latency: {options.warmup} warm-up + {options.repeats} timed pairs, batch 1")
-    timed = [(scene_view(scenes[n], i, device), scene_view(scenes[n], j, device)) for n, i, j in workload.pairs]
-    if hasattr(runner, "supports"):
-        timed = [p for p in timed if runner.supports(*p)]
-    if not timed:
-        raise InputError("no workload pair fits this model's input shape; re-export it at the workload's resolution")
-    latency = time_calls(lambda k: runner(*timed[k]), len(timed), options.warmup, options.repeats, runner.sync)
-
-    scene_figures = []
-    for name in workload.scene_level:
-        say(f"scene {name}: all pairs + global alignment ({workload.ga_niter} iterations)")
-        scene_figures.append(_scene_level(runner, scenes[name], workload))
-
+    data = data if data is not None else task.load_data(workload)
+    measured = task.measure(step.model, workload, data, backend=step.backend, device=device, onnx_path=step.onnx_path,
+                            runtime=step.runtime, warmup=options.warmup, repeats=options.repeats, threads=options.threads,
+                            say=say)
     say("resources")
-    resources = _resources(count_model if count_model is not None else model, timed[0],
-                           None if artifact is None else Path(artifact), device)
+    counted = step.count_model if step.count_model is not None else step.model
+    resources = _resources(task, counted, measured.example, None if step.artifact is None else Path(step.artifact), device)
     eval_hours = (time.perf_counter() - start) / 3600.0
-    device_hours = steps_device_hours + eval_hours
+    device_hours = step.device_hours + eval_hours
     vram = cuda_peak_gigabytes(device)
+    notes = list(measured.notes)
     if vram is None:
         notes.append("CPU run: vram_GB empty, peak RSS in details")
-    def mean_of(key: str) -> float | None:
-        return float(np.mean([s[key] for s in scene_figures])) if scene_figures else None
-
-    record = Record(
-        exp_id=exp_id, combo=combo, **(method_fields or {}),
-        params_M=_round(resources["params_M"], 4), flops_G=_round(resources["flops_G"], 3),
-        size_MB=_round(resources["size_MB"], 3), vram_GB=_round(vram, 3),
-        chamfer=_round(mean_of("chamfer"), 5),
-        absrel=_round(quality["absrel"], 5), rmse=_round(quality["rmse"], 5), delta1=_round(quality["delta1"], 5),
-        t_pair_p50_ms=_round(latency["p50_ms"], 2), t_pair_p95_ms=_round(latency["p95_ms"], 2),
-        t_scene_s=_round(mean_of("t_scene_s"), 3), pairs_per_sec=_round(1000.0 / latency["mean_ms"], 3),
-        gpu_hours=_round(device_hours, 5), notes="; ".join(notes), datetime=now_iso(),
-    )
+    record = _record(task, exp_id, combo, step.fields, resources, vram, measured, device_hours, notes)
     bad = nan_fields(record)
     if bad:
         record.notes = "; ".join(filter(None, [record.notes, f"gate failed: NaN in {', '.join(bad)}"]))
     details = {
-        "backend": backend,
-        "runtime": runner.description,
-        "device": device,
-        "workload": {"data_hash": workload.data_hash, "n_pairs": len(workload.pairs), "resolution": workload.resolution},
-        "quality": quality,
-        "real_check_motorcycle": real,
-        "baselines": depth_baselines(scenes, workload.pairs),
-        "baselines_motorcycle": depth_baselines(scenes, workload.real_pairs) if workload.real_pairs else None,
-        "scene_level": scene_figures,
-        "chamfer": {"accuracy": mean_of("accuracy"), "completeness": mean_of("completeness"), "chamfer": mean_of("chamfer")},
-        "latency": latency,
-        "resources": {**resources, "peak_rss_MB": peak_rss_megabytes(), "vram_note": None if vram is not None else "CPU: no device memory; see peak_rss_MB"},
-        "cost": {"device_hours_steps": steps_device_hours, "device_hours_eval": eval_hours,
+        **measured.details,
+        "latency": measured.latency,
+        "resources": {**resources, "peak_rss_MB": peak_rss_megabytes(),
+                      "vram_note": None if vram is not None else "CPU: no device memory; see peak_rss_MB"},
+        "cost": {"device_hours_steps": step.device_hours, "device_hours_eval": eval_hours,
                  "device_hours": device_hours, "rate_usd_per_h": options.rate_usd_per_h,
                  "usd": device_hours * options.rate_usd_per_h,
                  "device_kind": "cuda" if device.startswith("cuda") else "cpu"},
-        "skipped_pairs": skipped,
         "nan_fields": bad,
     }
     return Evaluation(record, details)
+
+
+def _record(task: Task, exp_id: str, combo: str, fields: dict, resources: dict, vram: float | None, measured,
+            device_hours: float, notes: list[str]):
+    """The family's record: quality to 5 digits, latency to 2, other efficiency figures to 3."""
+    latency = measured.latency
+    columns = task.latency_fields
+    return task.record_type(
+        exp_id=exp_id, combo=combo, **(fields or {}),
+        params_M=_round(resources["params_M"], 4), flops_G=_round(resources["flops_G"], 3),
+        size_MB=_round(resources["size_MB"], 3), vram_GB=_round(vram, 3),
+        **{k: _round(measured.quality.get(k), 5) for k in task.quality_fields},
+        **{columns["p50_ms"]: _round(latency["p50_ms"], 2), columns["p95_ms"]: _round(latency["p95_ms"], 2),
+           columns["per_sec"]: _round(1000.0 / latency["mean_ms"], 3)},
+        **{k: _round(v, 3) for k, v in measured.efficiency.items()},
+        gpu_hours=_round(device_hours, 5), notes="; ".join(notes), datetime=now_iso(),
+    )
 
 
 def _round(value: float | None, digits: int) -> float | None:

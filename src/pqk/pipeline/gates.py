@@ -15,11 +15,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pqk.errors import ConfigError
-from pqk.pipeline.record import QUALITY_FIELDS, Record, nan_fields
+from typing import TYPE_CHECKING
 
-HIGHER_IS_BETTER = {"delta1": True, "absrel": False, "rmse": False, "chamfer": False}
-DEFAULT_MAIN_METRIC = "delta1"
+from pqk.errors import ConfigError
+from pqk.measure.quality import relative_drop
+from pqk.pipeline.record import Record, nan_fields
+
+if TYPE_CHECKING:
+    from pqk.tasks.base import Task
+
+
+def _task(task: Task | None) -> Task:
+    from pqk.tasks import get_task
+
+    return task or get_task()
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,10 @@ class GateVerdict:
         return {"stage": self.stage, "verdict": self.verdict, "reasons": self.reasons, "figures": self.figures}
 
 
-def quality_drop(new: float, ref: float, metric: str) -> float:
-    """Relative drop of `metric` (positive = worse than the reference)."""
-    if metric not in HIGHER_IS_BETTER:
-        raise ConfigError(f"unknown main metric {metric!r}; expected one of {', '.join(HIGHER_IS_BETTER)}")
-    if ref == 0:
-        return 0.0 if new == ref else math.inf
-    return (ref - new) / abs(ref) if HIGHER_IS_BETTER[metric] else (new - ref) / abs(ref)
+def quality_drop(new: float, ref: float, metric: str, task: Task | None = None) -> float:
+    """Relative drop of `metric` (positive = worse than the reference), in the direction the
+    family's adapter gives it."""
+    return relative_drop(new, ref, _task(task).direction(metric))
 
 
 def _cut(new: float | None, ref: float | None) -> float | None:
@@ -77,13 +83,16 @@ def _cut(new: float | None, ref: float | None) -> float | None:
 
 
 def check_gate(
-    stage: str, record: Record, reference: Record, metric: str = DEFAULT_MAIN_METRIC, rule: GateRule | None = None,
-    latency_cut: float | None = None,
+    stage: str, record: Record, reference: Record, metric: str | None = None, rule: GateRule | None = None,
+    latency_cut: float | None = None, task: Task | None = None,
 ) -> GateVerdict:
-    """The verdict of `stage`'s gate for `record` against `reference`.
+    """The verdict of `stage`'s gate for `record` against `reference` (records of `task`'s
+    family; `metric`: default its main metric).
 
     `latency_cut`, when given, is the p50 reduction measured side by side in one process
     (`interleaved_latency`) and replaces the ratio of the two records' separately timed p50s."""
+    task = _task(task)
+    metric = metric or task.main_metric
     if rule is None:
         if stage not in GATES:
             raise ConfigError(f"no gate for stage {stage!r}; expected one of {', '.join(GATES)}")
@@ -92,24 +101,25 @@ def check_gate(
     bad = nan_fields(record)
     if bad:
         reasons.append(f"NaN in {', '.join(bad)}")
-    if metric not in QUALITY_FIELDS:
-        raise ConfigError(f"unknown main metric {metric!r}; expected one of {', '.join(QUALITY_FIELDS)}")
+    if metric not in task.quality_fields:
+        raise ConfigError(f"unknown main metric {metric!r}; expected one of {', '.join(task.quality_fields)}")
     if getattr(record, metric) is None:
         reasons.append(f"{metric} not measured")
     figures: dict = {"metric": metric}
     new, ref = getattr(record, metric), getattr(reference, metric)
     if new is not None and ref is not None and not bad:
-        drop = quality_drop(float(new), float(ref), metric)
+        drop = quality_drop(float(new), float(ref), metric, task)
         figures.update(quality_drop=drop, max_quality_drop=rule.max_quality_drop, value=new, reference=ref)
         if drop > rule.max_quality_drop:
             reasons.append(f"{metric} {new:.4f} vs {ref:.4f}: drop {drop:.1%} > {rule.max_quality_drop:.0%}")
     if rule.min_latency_cut is not None:
-        cut = latency_cut if latency_cut is not None else _cut(record.t_pair_p50_ms, reference.t_pair_p50_ms)
+        p50 = task.latency_fields["p50_ms"]
+        cut = latency_cut if latency_cut is not None else _cut(getattr(record, p50), getattr(reference, p50))
         figures.update(latency_cut=cut, min_latency_cut=rule.min_latency_cut,
                        latency_source="side by side" if latency_cut is not None else "records")
         if cut is None or cut < rule.min_latency_cut:
             shown = "not measured" if cut is None else f"{cut:.0%}"
-            reasons.append(f"t_pair p50 down {shown} < {rule.min_latency_cut:.0%}")
+            reasons.append(f"{p50.removesuffix('_p50_ms')} p50 down {shown} < {rule.min_latency_cut:.0%}")
     if rule.min_size_cut is not None:
         params_cut = _cut(record.params_M, reference.params_M)
         size_cut = _cut(record.size_MB, reference.size_MB)
@@ -121,12 +131,13 @@ def check_gate(
     return GateVerdict(stage, not reasons, reasons, figures)
 
 
-def record_from_row(row: dict) -> Record:
-    """A Record from a result_table.csv row or an eval JSON's "record" (strings accepted)."""
+def record_from_row(row: dict, record_type: type = Record):
+    """A record (default: the protocol's DUSt3R Record) from a result_table.csv row or an eval
+    JSON's "record" (strings accepted)."""
     from dataclasses import fields as dc_fields
 
     values = {}
-    for f in dc_fields(Record):
+    for f in dc_fields(record_type):
         raw = row.get(f.name, None)
         if raw is None or raw == "":
             values[f.name] = None if f.name not in ("exp_id", "combo", "keep_list", "notes", "datetime") else ""
@@ -139,4 +150,4 @@ def record_from_row(row: dict) -> Record:
             values[f.name] = float(raw)
     if values.get("seed") is None:
         values["seed"] = 42
-    return Record(**values)
+    return record_type(**values)

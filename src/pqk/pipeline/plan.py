@@ -4,6 +4,7 @@ other experiment whose steps are a prefix of its own (K→Q depends on K, P→K�
 which is also what lets the runner share their work.
 
     name: minimal
+    task: dust3r                     # the model family (default dust3r)
     budget: 0.1                      # scales epochs / calibration (embedded default: minutes)
     experiments:
       - {id: baseline, steps: []}
@@ -11,66 +12,73 @@ which is also what lets the runner share their work.
         steps: [{method: distill, config: configs/distill.yaml, run: K-1}]
       - id: KQ
         steps: [{method: distill, config: configs/distill.yaml, run: K-1}, {method: quantize, config: configs/quant.yaml}]
+
+This is the one reader of plans: `pqk run` reads them strictly (every method, option and
+config file checked, one-line errors), `pqk budget` leniently (a draft plan whose config
+files do not exist yet is still costed; what could not be read becomes a note).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pqk.errors import ConfigError, InputError
+from pqk.methods.base import get_method, method_names
 from pqk.yaml_io import read_yaml
 
-METHODS = {"distill": "K", "prune": "P", "quantize": "Q", "joint": "PQK"}
-# Steps whose output is an INT8 artifact: nothing can follow them.
-QUANTIZING = ("quantize", "joint")
-STEP_OPTIONS = {
-    "distill": {"run", "gamma"},  # a run of the distillation config (K-1, ..., control); gamma overrides its γ
-    "prune": {"rho", "allocation"},
-    "quantize": {"qat", "runtimes", "keep_list", "calibration_size"},
-    "joint": {"run", "rho", "runtimes"},  # one training run: prune + distil + fake quant (configs/joint.yaml)
-}
-DEFAULT_CONFIG = {"quantize": "quant"}
 ABLATIONS = ("keep", "calib", "loss")  # P5: ABL-1 keep-list, ABL-2 calibration size, ABL-3 loss terms
 GATE_POLICIES = ("stop", "record")
 _PLAN_KEYS = {"name", "description", "teacher", "workload", "budget", "gate_policy", "experiments",
-              "estimate_h100_hours", "gates"}
+              "estimate_h100_hours", "gates", "task"}
+_EXPERIMENT_KEYS = {"id", "steps", "ablation", "description", "estimate_h100_hours", "exp_id"}
 _GATE_KEYS = {"max_quality_drop", "min_latency_cut", "min_size_cut"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names that become file names
 
 
 @dataclass(frozen=True)
 class PlanStep:
     method: str
-    config: Path
+    config: Path | None  # resolved; None when a lenient read did not find it
     options: dict = field(default_factory=dict)
+    config_name: str = ""  # as written in the plan
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.method}({self.config.name}{', ' + opts if opts else ''})"
+        name = self.config.name if self.config is not None else self.config_name
+        return f"{self.method}({name}{', ' + opts if opts else ''})"
+
+    def label(self) -> str:
+        extra = ", ".join(f"{k} {v}" for k, v in self.options.items())
+        return self.method + (f" ({extra})" if extra else "")
 
     def fingerprint(self) -> str:
         """Hash of what this step does: method, options and its config's content (parsed, so
-        editing a comment does not invalidate the cache), with the configs a joint config
-        points at (its distillation, pruning and quantization files)."""
-        payload = {"method": self.method, "options": self.options, "config": _config_data(self.config)}
-        if self.method == "joint" and isinstance(payload["config"], dict):
-            from pqk.methods.joint import referenced_configs
-
-            for key, path in referenced_configs(payload["config"], self.config.resolve().parent).items():
+        editing a comment does not invalidate the cache), with every other config file the
+        method says its result depends on (joint PQK: the configs it names)."""
+        data = _config_data(self.config)
+        payload = {"method": self.method, "options": self.options, "config": data}
+        if isinstance(data, dict) and self.config is not None:
+            for key, path in get_method(self.method).config_files(self.config, data).items():
                 payload[f"{key}_config"] = _config_data(path) if isinstance(path, Path) else path
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
+    def spec(self) -> Any:
+        """The step's typed spec (its method's reading of the config with the options applied)."""
+        return get_method(self.method).load_spec(self.config, self.options)
 
-def _config_data(path: Path) -> Any:
+
+def _config_data(path: Path | None) -> Any:
     """A config file's parsed content (its raw text when it does not parse; None when absent)."""
     import yaml
 
-    if not path.is_file():
+    if path is None or not path.is_file():
         return None
-    text = path.read_text()
+    text = path.read_text(errors="replace")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -82,24 +90,44 @@ class Experiment:
     id: str
     steps: list[PlanStep]
     ablation: str | None = None  # P5 group: its records are also collected in ablation_<kind>.json
+    description: str = ""
+    estimate_h100: tuple[float, float] | None = None  # the plan document's figure, for `pqk budget`
+    exp_id: str | None = None  # the record's name when the plan gives one (else derived from the steps)
+    combo_override: str | None = None  # a command quantizing a student names its combo (KQ)
+    stage_override: str | None = None
+    folder: str | None = None  # the steps' folder, relative to the run folder (None: steps/<method>-<key>)
 
     @property
     def combo(self) -> str:
-        return "".join(METHODS[s.method] for s in self.steps) or "teacher"
+        if self.combo_override:
+            return self.combo_override
+        return "".join(_letter(s.method) for s in self.steps) or "teacher"
 
     @property
     def stage(self) -> str:
         """The protocol stage whose gate applies (protocol.md, "Stages, outputs and gates")."""
-        methods = [s.method for s in self.steps]
-        if not methods:
+        if self.stage_override:
+            return self.stage_override
+        if not self.steps:
             return "P0"
-        if methods == ["joint"]:
-            return "P3"  # gated like P→K→Q: against its own FP32 model (masks removed, float weights)
-        if methods[-1] == "quantize":
-            return "P2" if len(methods) == 1 else "P3"
-        if methods == ["prune"]:
-            return "P4"
-        return "P1"  # K alone, or P→K: a student held to the teacher's quality
+        return get_method(self.steps[-1].method).stage(len(self.steps) == 1)
+
+    @property
+    def reference_kind(self) -> str:
+        """teacher | input | own_float: what this experiment's gate compares with."""
+        if not self.steps:
+            return "teacher"
+        kind = get_method(self.steps[-1].method).reference(len(self.steps) == 1)
+        if self.stage_override == "P3" and kind == "teacher":
+            return "input"  # a command quantizing a student: the student in FP32 is the reference
+        return kind
+
+
+def _letter(method: str) -> str:
+    try:
+        return get_method(method).letter
+    except ConfigError:  # a lenient read keeps steps of unknown methods; they have no letter
+        return "?"
 
 
 @dataclass
@@ -109,16 +137,18 @@ class Plan:
     path: Path
     description: str = ""
     teacher: Path | None = None
-    workload: Path = Path("configs/workload.yaml")
+    teacher_name: str | None = None  # as written in the plan
+    workload: Path | None = Path("configs/workload.yaml")
     budget: float = 1.0
     gate_policy: str = "stop"
     estimates: dict = field(default_factory=dict)
     gates: dict = field(default_factory=dict)  # stage -> GateRule overriding the protocol's
+    task: str = "dust3r"
+    budget_set: bool = True  # the plan file sets its budget (else 1.0 is assumed)
+    notes: list[str] = field(default_factory=list)  # what a lenient read could not use
 
     def select(self, ids: list[str]) -> "Plan":
         """The plan reduced to the experiments `ids` and those they build on (their prefixes)."""
-        from dataclasses import replace
-
         known = {e.id: e for e in self.experiments}
         bad = [i for i in ids if i not in known]
         if bad or not ids:
@@ -129,13 +159,16 @@ class Plan:
     def with_budget(self, budget: float) -> "Plan":
         """The plan at another budget, named <name>_budget<b> so its runs never overwrite the
         plan's own folder."""
-        from dataclasses import replace
-
         if isinstance(budget, bool) or not budget > 0:
             raise ConfigError(f"--budget {budget!r} is not accepted; expected a number > 0")
         if budget == self.budget:
             return self
         return replace(self, budget=float(budget), name=f"{self.name}_budget{budget:g}")
+
+    def with_gate_policy(self, policy: str) -> "Plan":
+        if policy not in GATE_POLICIES:
+            raise InputError(f"--gate-policy {policy!r} is not known; accepted: {', '.join(GATE_POLICIES)}")
+        return replace(self, gate_policy=policy)
 
     def prefixes(self, experiment: Experiment) -> list[Experiment]:
         """Experiments whose steps are a proper prefix of `experiment`'s (its dependencies)."""
@@ -143,95 +176,168 @@ class Plan:
         return [e for e in self.experiments if e is not experiment and len(e.steps) < n
                 and e.steps == experiment.steps[: len(e.steps)]]
 
+    def validate_specs(self) -> None:
+        """Read every step's spec (run names, values, referenced files): a plan is checked whole
+        before its first step runs, so a typo in its last experiment costs nothing."""
+        for exp in self.experiments:
+            for k, step in enumerate(exp.steps):
+                try:
+                    get_method(step.method).check(step.spec(), step.options)
+                except (ConfigError, InputError) as exc:
+                    raise type(exc)(f"plan {self.path}: {exp.id}.steps[{k}] ({step.method}): {exc}") from None
 
-def _resolve(path_like: Any, base: Path, what: str) -> Path:
-    if not isinstance(path_like, str) or not path_like:
-        raise ConfigError(f"{what} must be a file path; got {path_like!r}")
+
+def resolve_path(path_like: str | Path, base: Path) -> Path | None:
+    """A path as written in a plan: absolute, relative to the working folder (the README's
+    examples run from the repository root), or relative to the plan's folder or any folder
+    above it (a plan copied into runs/<plan>/ still finds configs/). None when not found."""
     path = Path(path_like)
-    if path.is_absolute() or path.exists():
-        return path
-    # Relative paths: from the working directory first (the README's examples run from the
-    # repository root), then from the plan file's folder up.
-    for root in (base, *base.parents):
+    if path.is_absolute():
+        return path if path.exists() else None
+    for root in (Path.cwd(), base, *base.parents):
         if (root / path).exists():
             return root / path
-    return path
+    return None
 
 
-def _step(raw: Any, base: Path, where: str) -> PlanStep:
-    if not isinstance(raw, dict) or "method" not in raw:
-        raise ConfigError(f"{where}: a step is a mapping with 'method' and 'config'; got {raw!r}")
-    method = raw["method"]
-    if method not in METHODS:
-        raise ConfigError(f"{where}: unknown method {method!r}; accepted: {', '.join(METHODS)}")
-    options = {k: v for k, v in raw.items() if k not in ("method", "config")}
-    unknown = sorted(set(options) - STEP_OPTIONS[method])
-    if unknown:
-        raise ConfigError(f"{where}: unknown option {unknown[0]!r} for {method}; accepted: {', '.join(sorted(STEP_OPTIONS[method]))}")
-    config = _resolve(raw.get("config", f"configs/{DEFAULT_CONFIG.get(method, method)}.yaml"), base, f"{where}.config")
-    if not config.is_file():
-        raise InputError(f"{where}: config file {config} does not exist")
-    return PlanStep(method, config, options)
+def estimate_range(value: Any) -> tuple[float, float] | None:
+    """The plan document's figure: 45, [140, 150] or '140-150' -> (low, high)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return float(min(value)), float(max(value))
+    if isinstance(value, str):
+        nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", value)]
+        if 1 <= len(nums) <= 2:
+            return min(nums), max(nums)
+    return None
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan; one-line errors name the bad entry."""
-    path = Path(path)
-    data = read_yaml(path, "plan", invalid=ConfigError)
-    if not isinstance(data, dict):
-        raise ConfigError(f"plan {path} must be a mapping with 'name' and 'experiments'")
-    unknown = sorted(set(data) - _PLAN_KEYS)
-    if unknown:
-        raise ConfigError(f"plan {path}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(_PLAN_KEYS))}")
-    name = data.get("name") or path.stem
-    if not isinstance(name, str) or name.startswith(".") or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"plan {path}: name {name!r} must be letters, digits, '-', '_' or '.', not starting with '.' (it names runs/<name>)")
-    base = path.resolve().parent
-    raw_exps = data.get("experiments")
-    if not isinstance(raw_exps, list) or not raw_exps:
-        raise ConfigError(f"plan {path}: 'experiments' must be a non-empty list")
-    experiments, seen = [], set()
-    for k, raw in enumerate(raw_exps):
-        if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
-            raise ConfigError(f"plan {path}: experiment #{k + 1} needs an 'id' (a string)")
-        exp_id = raw["id"]
+class _Reader:
+    """One plan file read strictly (errors) or leniently (notes)."""
+
+    def __init__(self, path: Path, strict: bool):
+        self.path, self.strict, self.notes = path, strict, []
+        self.base = path.resolve().parent
+
+    def problem(self, error: type[Exception], message: str) -> None:
+        if self.strict:
+            raise error(f"plan {self.path}: {message}")
+        self.notes.append(message)
+
+    def step(self, raw: Any, where: str) -> PlanStep | None:
+        if isinstance(raw, str) and not self.strict:
+            raw = {"method": raw}
+        if not isinstance(raw, dict) or not raw.get("method"):
+            raise ConfigError(f"plan {self.path}: {where}: a step is a mapping with 'method' and 'config' "
+                              f"({', '.join(method_names())}); got {raw!r}")
+        method = str(raw["method"])
+        options = {str(k): v for k, v in raw.items() if k not in ("method", "config")}
+        if method not in method_names():
+            self.problem(ConfigError, f"{where}: unknown method {method!r}; accepted: {', '.join(method_names())}")
+            return PlanStep(method, None, options, str(raw.get("config") or f"configs/{method}.yaml"))
+        known = get_method(method)
+        unknown = sorted(set(options) - known.options)
+        if unknown and self.strict:
+            raise ConfigError(f"plan {self.path}: {where}: unknown option {unknown[0]!r} for {method}; "
+                              f"accepted: {', '.join(sorted(known.options))}")
+        name = raw.get("config", known.default_config)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"plan {self.path}: {where}.config must be a file path; got {name!r}")
+        config = resolve_path(name, self.base)
+        if config is None or not config.is_file():
+            if self.strict:
+                raise InputError(f"plan {self.path}: {where}: config file {name} does not exist")
+            config = None
+        return PlanStep(method, config, options, name)
+
+    def experiment(self, k: int, raw: Any, seen: set[str], top_estimates: dict) -> Experiment:
+        if not isinstance(raw, dict) or not isinstance(raw.get("id"), (str, int)) or raw.get("id") == "":
+            raise ConfigError(f"plan {self.path}: experiment #{k + 1} needs an 'id' (a string, e.g. id: K)")
+        exp_id = str(raw["id"])
         if exp_id in seen:
-            raise ConfigError(f"plan {path}: experiment id {exp_id!r} is used twice")
+            raise ConfigError(f"plan {self.path}: experiment id {exp_id!r} is used twice")
         seen.add(exp_id)
-        steps = [_step(s, base, f"{exp_id}.steps[{i}]") for i, s in enumerate(raw.get("steps") or [])]
-        if any(s.method == "quantize" for s in steps[:-1]):
-            raise ConfigError(f"plan {path}: experiment {exp_id!r} quantizes before its last step; quantize must come last")
-        if any(s.method == "joint" for s in steps) and len(steps) != 1:
-            raise ConfigError(f"plan {path}: experiment {exp_id!r}: joint starts from the teacher and ends in INT8; "
-                              "it must be the experiment's only step")
+        unknown = sorted(set(raw) - _EXPERIMENT_KEYS)
+        if unknown:
+            self.problem(ConfigError, f"experiment {exp_id!r}: unknown key {unknown[0]!r}; accepted: "
+                                      f"{', '.join(sorted(_EXPERIMENT_KEYS))}")
+        raw_steps = raw.get("steps") or []
+        if not isinstance(raw_steps, list):
+            raise ConfigError(f"plan {self.path}: experiment {exp_id}: 'steps' must be a list of {{method: ..., config: ...}}")
+        steps = [self.step(s, f"{exp_id}.steps[{i}]") for i, s in enumerate(raw_steps)]
+        self._check_order(exp_id, steps)
         ablation = raw.get("ablation")
         if ablation is not None and ablation not in ABLATIONS:
-            raise ConfigError(f"plan {path}: experiment {exp_id!r}: ablation {ablation!r} is not known; accepted: {', '.join(ABLATIONS)}")
-        unknown_keys = sorted(set(raw) - {"id", "steps", "ablation"})
-        if unknown_keys:
-            raise ConfigError(f"plan {path}: experiment {exp_id!r}: unknown key {unknown_keys[0]!r}; accepted: id, steps, ablation")
-        experiments.append(Experiment(exp_id, steps, ablation))
+            self.problem(ConfigError, f"experiment {exp_id!r}: ablation {ablation!r} is not known; accepted: {', '.join(ABLATIONS)}")
+        name = raw.get("exp_id")
+        if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+            raise ConfigError(f"plan {self.path}: experiment {exp_id!r}: exp_id {name!r} must be letters, digits, '.', '-', '_'")
+        return Experiment(exp_id, steps, ablation if ablation in ABLATIONS else None, str(raw.get("description", "")),
+                          estimate_range(raw.get("estimate_h100_hours", top_estimates.get(exp_id))), name)
+
+    def _check_order(self, exp_id: str, steps: list[PlanStep]) -> None:
+        known = [(s, get_method(s.method)) for s in steps if s.method in method_names()]
+        if any(m.quantizes for s, m in known[:-1]) and self.strict:
+            raise ConfigError(f"plan {self.path}: experiment {exp_id!r} quantizes before its last step; quantize must come last")
+        for s, m in known:
+            if m.only_step and len(steps) != 1 and self.strict:
+                raise ConfigError(f"plan {self.path}: experiment {exp_id!r}: {m.only_step}; it must be the experiment's only step")
+
+
+def load_plan(path: str | Path, strict: bool = True) -> Plan:
+    """Read a plan. `strict` (pqk run): every method, option and config file is checked and a
+    problem is a one-line error naming it. Lenient (pqk budget): unknown methods, options and
+    missing config files become `plan.notes`, and the plan is read as far as it can be."""
+    path = Path(path)
+    data = read_yaml(path, "plan", "see configs/plans/minimal.yaml", invalid=ConfigError)
+    if not isinstance(data, dict) or not isinstance(data.get("experiments"), list) or not data["experiments"]:
+        raise ConfigError(f"plan {path} must be a mapping with 'name' and a non-empty 'experiments' list")
+    reader = _Reader(path, strict)
+    unknown = sorted(set(data) - _PLAN_KEYS)
+    if unknown:
+        reader.problem(ConfigError, f"unknown key {unknown[0]!r}; accepted: {', '.join(sorted(_PLAN_KEYS))}")
+    name = str(data.get("name") or path.stem)
+    if not _NAME.match(name):
+        raise ConfigError(f"plan {path}: name {name!r} must be letters, digits, '-', '_' or '.', not starting with '.' "
+                          "(it names runs/<name>)")
+    top = data.get("estimate_h100_hours")
+    top = top if isinstance(top, dict) else ({"total": top} if top is not None else {})
+    seen: set[str] = set()
+    experiments = [reader.experiment(k, raw, seen, top) for k, raw in enumerate(data["experiments"])]
     budget = data.get("budget", 1.0)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ConfigError(f"plan {path}: budget {budget!r} must be a number > 0")
     policy = data.get("gate_policy", "stop")
     if policy not in GATE_POLICIES:
         raise ConfigError(f"plan {path}: gate_policy {policy!r} is not known; accepted: {', '.join(GATE_POLICIES)}")
+    task = data.get("task", "dust3r")
+    from pqk.tasks import get_task
+
+    get_task(task)  # an unknown family is an error in either mode
     teacher = data.get("teacher")
-    gates = _gates(data.get("gates") or {}, path)
+    if teacher is not None and not isinstance(teacher, str):
+        raise ConfigError(f"plan {path}: teacher must be a file path; got {teacher!r}")
+    workload_name = data.get("workload", "configs/workload.yaml")
+    if not isinstance(workload_name, str) or not workload_name:
+        raise ConfigError(f"plan {path}: workload must be a file path; got {workload_name!r}")
+    workload = resolve_path(workload_name, reader.base)
+    if workload is None and strict:
+        workload = Path(workload_name)  # loading it says it is missing and how to make one
+    elif workload is None:
+        reader.notes.append(f"workload {workload_name} not found: the protocol's workload shape assumed (512x384, 20 pairs)")
     return Plan(
         name=name, experiments=experiments, path=path, description=str(data.get("description", "")),
-        teacher=_resolve(teacher, base, "teacher") if teacher else None,
-        workload=_resolve(data.get("workload", "configs/workload.yaml"), base, "workload"),
-        budget=float(budget), gate_policy=policy, estimates=dict(data.get("estimate_h100_hours") or {}),
-        gates=gates,
+        teacher=(resolve_path(teacher, reader.base) or Path(teacher)) if teacher else None, teacher_name=teacher,
+        workload=workload, budget=float(budget), gate_policy=policy, estimates=top,
+        gates=_gates(data.get("gates") or {}, path), task=task, budget_set="budget" in data, notes=reader.notes,
     )
 
 
 def _gates(raw: Any, path: Path) -> dict:
     """Stage -> GateRule: the protocol's thresholds with the plan's overrides."""
-    from dataclasses import replace
-
     from pqk.pipeline.gates import GATES
 
     if not isinstance(raw, dict):

@@ -7,15 +7,12 @@ import contextlib
 import csv
 import fcntl
 import io
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pqk.errors import InputError
 from pqk.io.files import atomic_write_text, ensure_writable_dir, write_json  # noqa: F401 (re-exported)
 
 
@@ -54,7 +51,6 @@ class Record:
 
 
 RECORD_FIELDS = [f.name for f in fields(Record)]
-QUALITY_FIELDS = ("chamfer", "absrel", "rmse", "delta1")
 
 
 def now_iso() -> str:
@@ -101,7 +97,9 @@ def upsert_row(path: Path, record: Record) -> Path:
         rows = [r for r in read_table(path) if r.get("exp_id") != record.exp_id]
         rows.append({k: str(v) for k, v in record.as_row().items()})
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, extrasaction="ignore", lineterminator="\n")
+        # Columns of the record's own type: the protocol's 25 for DUSt3R, a family's own otherwise.
+        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(record)], extrasaction="ignore",
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, buffer.getvalue())

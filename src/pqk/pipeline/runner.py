@@ -1,19 +1,26 @@
 """Executes a plan: every experiment's steps, cached and resumable, each experiment measured
 by `evaluate` and gated, all records in runs/<plan>/result_table.csv.
 
+The runner knows no method and no model family by name: a step is run, restored, named and
+gated through its registered `Method` (`pqk.methods`), models and data come from the plan's
+`Task` adapter (`pqk.tasks`). `pqk distill`, `pqk prune` and `pqk quantize` are one-experiment
+plans run here too, with their own folder layout (`Experiment.folder`).
+
 - A step's cache key is the hash of (base model file, workload data, budget, seed, and every
   step so far with its config file's content and options). K→Q finds K's distillation done
   under the same key and reuses it; a rerun after an interruption skips finished steps and
   training resumes from the step's own last.pth.
-- A finished step leaves `steps/<method>-<key>/done.json`; a measured experiment leaves
-  `<exp_id>_eval.json` tagged with its key. Both are written last and atomically, so a kill
-  at any point loses at most the unfinished piece.
+- A finished step leaves `steps/<method>-<key>/done.json` (or `.pqk-done-<method>-<key>.json`
+  in an experiment's own folder); a measured experiment leaves `<exp_id>_eval.json` tagged
+  with its key. Both are written last and atomically, so a kill at any point loses at most the
+  unfinished piece.
 - Gates: each experiment is gated by its stage against its reference (the teacher; the FP32
   model before quantization for P3). With `gate_policy: stop` (the protocol's stop-loss) the
   experiments that build on a failed one are marked "stopped" with the reason and not run;
   `record` runs them anyway and keeps the verdicts.
-- `execution_log.jsonl`: the daily log (date, task id, input/config, output, verdict,
-  device-hours, notes), one line per step and experiment.
+- `run.json`: the run manifest (every experiment's state, its evaluations and typed gate
+  verdicts), what `pqk report` reads. `execution_log.jsonl`: the daily log (date, task id,
+  input/config, output, verdict, device-hours, notes), one line per step and experiment.
 """
 
 from __future__ import annotations
@@ -24,19 +31,31 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from pqk.pipeline.evaluate import EvalOptions
-from pqk.pipeline.experiment import json_safe, measure_step, teacher_reference, write_evaluation
-from pqk.pipeline.plan import QUANTIZING, Experiment, Plan, PlanStep
-from pqk.pipeline.record import Record, atomic_write_text, exp_id as make_exp_id, now_iso, write_json
-from pqk.pipeline.gates import record_from_row
-from pqk.methods.base import StepContext, StepResult
+from pqk.io.files import atomic_write_text, ensure_writable_dir, json_safe, write_json
+from pqk.methods.base import StepContext, StepResult, get_method, trainable_copy
+from pqk.pipeline.evaluate import EvalOptions, Evaluation, evaluate
+from pqk.pipeline.gates import GateVerdict, check_gate, record_from_row
+from pqk.pipeline.plan import Experiment, Plan, PlanStep
+from pqk.pipeline.record import exp_id as make_exp_id, now_iso, upsert_row
 
 DONE = "done.json"
 LOG = "execution_log.jsonl"
+MANIFEST = "run.json"
+TEACHER_EVAL = "teacher_eval.json"
+
+
+@dataclass
+class Measured:
+    """One evaluation of an experiment: its record, where it was written and its gate."""
+
+    exp_id: str
+    record: Any
+    eval_file: str
+    gate: dict | None = None  # GateVerdict.to_json() + reference exp_id; None: not gated (P0, FP32 references)
 
 
 @dataclass
@@ -46,7 +65,15 @@ class ExperimentStatus:
     state: str  # done | stopped | failed
     verdict: str = ""  # pass | stop | "" (P0)
     reasons: list[str] = field(default_factory=list)
-    record: Record | None = None
+    record: Any = None
+    stage: str = ""
+    evaluations: list[Measured] = field(default_factory=list)  # the primary first, then variants
+    cached: bool = False  # measured by an earlier run of the same steps
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "exp_id": self.exp_id, "state": self.state, "stage": self.stage, "verdict": self.verdict,
+                "reasons": self.reasons, "cached": self.cached,
+                "evaluations": [{"exp_id": m.exp_id, "eval": m.eval_file, "gate": m.gate} for m in self.evaluations]}
 
 
 def file_sha256(path: Path) -> str:
@@ -57,6 +84,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Identity of a model's weights (which teacher a stored reference record measured)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _chain_key(base_key: str, steps: list[PlanStep]) -> str:
     key = base_key
     for step in steps:
@@ -64,151 +100,65 @@ def _chain_key(base_key: str, steps: list[PlanStep]) -> str:
     return key
 
 
-def _append_log(run_dir: Path, entry: dict) -> None:
-    with open(run_dir / LOG, "a") as f:
-        f.write(json.dumps(json_safe({"date": now_iso(), **entry})) + "\n")
-
-
-_KEEP_TAGS = {"Softmax": "SM", "attention_scale": "AS", "LayerNorm": "LN"}
-
-
 def _keyparams(steps: list[PlanStep], fields: dict, details: dict | None = None) -> str:
-    """The exp_id's key parameters: K1 / K1feat (distill run), r030 (prune), PTQ or QAT plus
-    what differs from the default spec (keepSMLN: the keep-list, cal128: the calibration size)."""
+    """The exp_id's key parameters, as the experiment's last method names them (K1 / K1G01,
+    r030, PTQ_keepSMLN_cal128, the joint run's own key)."""
     last = steps[-1]
-    if last.method == "joint":
-        return (details or {}).get("keyparams", "joint")
-    if last.method == "quantize":
-        from pqk.methods.quantize import KEEP_KINDS
-
-        tag = "QAT" if (details or {}).get("qat") else "PTQ"
-        keep = last.options.get("keep_list")
-        if keep is not None and list(keep) != list(KEEP_KINDS):
-            tag += "_keep" + ("".join(_KEEP_TAGS.get(k, k) for k in keep) or "none")
-        if "calibration_size" in last.options:
-            tag += f"_cal{int(last.options['calibration_size'])}"
-        return tag
-    if last.method == "prune":
-        return f"r{round(float(fields.get('rho', 0)) * 100):03d}"
-    run = str(last.options.get("run", "K-1"))
-    tag = run.replace("-", "").replace("_", "") if run != "control" else "taskonly"
-    if "gamma" in last.options:
-        tag += f"G{float(last.options['gamma']):g}".replace(".", "")
-    return tag
+    return get_method(last.method).keyparams(last.options, StepResult(None, None, fields=fields, details=details or {}))
 
 
-def _run_method(step: PlanStep, model: torch.nn.Module, ctx: StepContext) -> tuple[StepResult, dict]:
-    """Run one step; returns its result and what is needed to rebuild it from the cache."""
-    if step.method == "distill":
-        from pqk.methods.distill import distill_step, load_distill_config
-
-        grid = load_distill_config(step.config)
-        run = step.options.get("run") or next(iter(grid.runs))
-        if run not in grid.runs:
-            from pqk.errors import ConfigError
-
-            raise ConfigError(f"distillation run {run!r} is not in {step.config}; accepted: {', '.join(grid.runs)}")
-        spec = grid.runs[run]
-        if "gamma" in step.options:  # ABL-3: the same run with feature distillation
-            spec = replace(spec, gamma=float(step.options["gamma"]))
-        return distill_step(model, ctx, spec), {}
-    if step.method == "prune":
-        from pqk.methods.prune import load_prune_spec, prune_step
-
-        spec = load_prune_spec(step.config)
-        changes = {k: step.options[k] for k in ("rho", "allocation") if k in step.options}
-        if changes:
-            spec = replace(spec, **changes)
-        return prune_step(model, ctx, spec), {}
-    if step.method == "joint":
-        from pqk.methods.joint import joint_step, load_joint_spec
-
-        spec = load_joint_spec(step.config, run=step.options.get("run"), rho=step.options.get("rho"))
-        runtimes = tuple(r.strip() for r in str(step.options.get("runtimes", "onednn,onnxruntime")).split(","))
-        result, outcome = joint_step(ctx.teacher, ctx, spec, runtimes)
-        return result, {"float_model": outcome.details["joint"]["checkpoint"]}
-    from pqk.methods.quantize import load_quant_spec
-    from pqk.methods.quantize_step import RUNTIMES, QuantRun, quantize_step
-
-    spec = load_quant_spec(step.config)
-    if "keep_list" in step.options:
-        spec = spec.with_keep_list(step.options["keep_list"])
-    if "calibration_size" in step.options:
-        spec = replace(spec, calibration=replace(spec.calibration, size=int(step.options["calibration_size"])))
-
-    runtimes = step.options.get("runtimes", ",".join(("onednn", "onnxruntime")))
-    run = QuantRun(runtimes=tuple(r.strip() for r in str(runtimes).split(",")) or RUNTIMES, qat=step.options.get("qat", "auto"),
-                   fixed_calibration="calibration_size" in step.options)
-    result, outcome = quantize_step(model, ctx, spec, run)
-    # A QAT model's float weights (LayerNorms included) differ from the input model's.
-    return result, {"float_model": outcome.details.get("qat", {}).get("checkpoint")}
-
-
-def _trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A step's own copy of its input: steps may change a model in place, and distillation
-    freezes the teacher's parameters (a frozen model is invisible to pruning's dependency
-    graph, which follows autograd)."""
-    import copy
-
-    out = copy.deepcopy(model)
-    for p in out.parameters():
-        p.requires_grad_(True)
-    return out
-
-
-def _save_done(step_dir: Path, result: StepResult, rebuild: dict, method: str) -> None:
-    payload = {
-        "method": method, "artifact": str(result.artifact), "fields": result.fields, "device_hours": result.device_hours,
-        "backend": result.backend, "onnx_path": None if result.onnx_path is None else str(result.onnx_path),
-        "runtime": result.runtime, "notes": result.notes, "details": json_safe(result.details), "rebuild": rebuild,
-    }
-    atomic_write_text(step_dir / DONE, json.dumps(payload, indent=1))
-
-
-def _load_done(step_dir: Path, prev_model: torch.nn.Module) -> StepResult:
-    from pqk.models.dust3r import load_checkpoint
-
-    data = json.loads((step_dir / DONE).read_text())
-    common = dict(artifact=Path(data["artifact"]), fields=data["fields"], device_hours=data["device_hours"],
-                  notes=list(data["notes"]), details=data["details"], runtime=data.get("runtime"))
-    if data["method"] not in QUANTIZING:
-        return StepResult(model=load_checkpoint(data["artifact"]), **common)
-    float_model = load_checkpoint(data["rebuild"]["float_model"]) if data["rebuild"].get("float_model") else prev_model
-    if data["backend"] == "onnxruntime":
-        return StepResult(model=None, backend="onnxruntime", onnx_path=Path(data["onnx_path"]), count_model=float_model, **common)
-    from pqk.backends.torch_int8 import int8_model_from_qdq
-
-    int8, _ = int8_model_from_qdq(float_model, data["artifact"])
-    return StepResult(model=int8, backend="torch", count_model=float_model, **common)
+def _done_summary(result: StepResult) -> dict:
+    return {"artifact": str(result.artifact), "fields": result.fields, "device_hours": result.device_hours,
+            "backend": result.backend, "onnx_path": None if result.onnx_path is None else str(result.onnx_path),
+            "runtime": result.runtime, "notes": result.notes, "details": json_safe(result.details),
+            "latency_cut": result.latency_cut, "float_model": None if result.float_model is None else str(result.float_model),
+            "eval_details": json_safe(result.eval_details)}
 
 
 class PlanRunner:
-    """Runs a plan into runs/<plan name> (see the module docstring)."""
+    """Runs a plan into runs/<plan name> (see the module docstring).
+
+    `run_dir` replaces runs/<plan name> (a command's --out); `measure_variants` also measures
+    every variant a step produced (`pqk quantize`: each runtime of PTQ and QAT); `rank` > 0 (a
+    non-main process under torchrun) runs the steps and writes nothing else."""
 
     def __init__(self, plan: Plan, out_root: Path = Path("runs"), device: str = "cpu",
-                 log: Callable[[str], None] = print, eval_options: EvalOptions | None = None):
+                 log: Callable[[str], None] = print, eval_options: EvalOptions | None = None, *,
+                 run_dir: Path | None = None, resume: bool = True, measure_variants: bool = False, rank: int = 0,
+                 progress: Callable[[str], None] | None = None, teacher: torch.nn.Module | None = None):
+        from pqk.tasks import get_task
+
         self.plan = plan
-        self.run_dir = Path(out_root) / plan.name
+        self.task = get_task(plan.task)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(out_root) / plan.name
         self.device = device
         self.log = log
+        self.progress = progress
         self.options = eval_options or EvalOptions()
+        self.resume = resume
+        self.measure_variants = measure_variants
+        self.rank = rank
+        self._given_teacher = teacher
+        self.records: dict[str, Any] = {}
+        self.baseline = None
 
     # -- setup ------------------------------------------------------------------------------
-    def _prepare(self) -> None:
-        from pqk.assets import default_checkpoint
-        from pqk.models.dust3r import load_checkpoint
-        from pqk.pipeline.record import ensure_writable_dir
-        from pqk.pipeline.workload import load_scenes, load_workload
-
-        self.workload = load_workload(self.plan.workload)
-        self.scenes = load_scenes(self.workload)
-        teacher_path = self.plan.teacher or default_checkpoint()[0]
-        self.teacher_path = Path(teacher_path)
-        self.teacher = load_checkpoint(self.teacher_path).eval()
-        ensure_writable_dir(self.run_dir)
-        self._copy_plan()
+    def prepare(self) -> None:
+        """Check the plan whole, load the workload (hash-checked) and the teacher, make the folder."""
+        self.plan.validate_specs()
+        self.workload = self.task.load_workload(self.plan.workload)
+        self.data = self.task.load_data(self.workload)
+        self.teacher_path = Path(self.plan.teacher or self.task.default_model()[0])
+        if self._given_teacher is not None:
+            self.teacher = self._given_teacher.eval()
+        else:
+            self.teacher = self.task.load_model(self.teacher_path, self.device).eval()
+        if self.rank == 0:
+            ensure_writable_dir(self.run_dir)
+            if self.plan.path is not None and Path(self.plan.path).is_file():
+                self._copy_plan()
         self.base_key = hashlib.sha256(json.dumps({
-            "teacher": file_sha256(self.teacher_path), "data": self.workload.data_hash,
+            "teacher": file_sha256(self.teacher_path), "data": self.task.data_hash(self.workload),
             "budget": self.plan.budget, "seed": 42,
         }, sort_keys=True).encode()).hexdigest()
 
@@ -226,7 +176,8 @@ class PlanRunner:
                 and (original.name, original.budget, original.gate_policy)
                 == (self.plan.name, self.plan.budget, self.plan.gate_policy))
         if same:
-            shutil.copyfile(self.plan.path, target)
+            if Path(self.plan.path).resolve() != target.resolve():
+                shutil.copyfile(self.plan.path, target)
             return
         raw = read_yaml(self.plan.path, "plan")
         ids = {e.id for e in self.plan.experiments}
@@ -235,115 +186,236 @@ class PlanRunner:
         header = f"# {self.plan.path} as run by pqk run with command-line overrides\n"
         atomic_write_text(target, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
 
-    def _ctx(self, out_dir: Path) -> StepContext:
+    def _ctx(self, out_dir: Path, stage: str | None = None) -> StepContext:
+        rule = self.plan.gates.get(stage) if stage else None
+        extra = {"max_quality_drop": rule.max_quality_drop} if rule is not None else {}
         return StepContext(teacher=self.teacher, workload=self.workload, out_dir=out_dir, device=self.device,
-                           budget=self.plan.budget, log=self.log)
+                           budget=self.plan.budget, log=self.log, resume=self.resume, task=self.task, **extra)
+
+    def _append_log(self, entry: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / LOG, "a") as f:
+                f.write(json.dumps(json_safe({"date": now_iso(), **entry})) + "\n")
 
     # -- steps --------------------------------------------------------------------------------
-    def _step_dir(self, step: PlanStep, key: str) -> Path:
-        return self.run_dir / "steps" / f"{step.method}-{key[:12]}"
+    def _step_place(self, exp: Experiment, step: PlanStep, key: str) -> tuple[Path, Path]:
+        """(the step's working folder, its done file)."""
+        if exp.folder is not None:
+            folder = self.run_dir / exp.folder
+            return folder, folder / f".pqk-done-{step.method}-{key[:12]}.json"
+        folder = self.run_dir / "steps" / f"{step.method}-{key[:12]}"
+        return folder, folder / DONE
 
-    def _run_steps(self, exp: Experiment) -> tuple[StepResult, list[StepResult], torch.nn.Module]:
-        """All steps of `exp` (cached ones reloaded); returns (last result, every result, the
-        float model that entered the last step)."""
+    def _restore(self, method, done: dict, entering: torch.nn.Module) -> StepResult:
+        result = method.restore(done, entering, self.task)
+        result.variants = {tag: method.restore(v, entering, self.task) for tag, v in (done.get("variants") or {}).items()}
+        return result
+
+    def _run_steps(self, exp: Experiment) -> tuple[list[StepResult], torch.nn.Module]:
+        """All steps of `exp` (cached ones restored); returns every result and the float model
+        that entered the last step."""
         model: torch.nn.Module = self.teacher
         results, entering = [], model
         for k, step in enumerate(exp.steps):
+            method = get_method(step.method)
             key = _chain_key(self.base_key, exp.steps[: k + 1])
-            step_dir = self._step_dir(step, key)
+            folder, done_file = self._step_place(exp, step, key)
             entering = model
-            if (step_dir / DONE).is_file():
-                self.log(f"{exp.id}: step {k + 1} {step.describe()} cached ({step_dir.name})")
-                result = _load_done(step_dir, model)
+            if self.resume and done_file.is_file():
+                self.log(f"{exp.id}: step {k + 1} {step.describe()} cached ({folder.name})")
+                result = self._restore(method, json.loads(done_file.read_text()), model)
             else:
                 self.log(f"{exp.id}: step {k + 1}/{len(exp.steps)} {step.describe()}")
                 start = time.perf_counter()
-                result, rebuild = _run_method(step, _trainable_copy(model), self._ctx(step_dir))
-                _save_done(step_dir, result, rebuild, step.method)
-                _append_log(self.run_dir, {"task_id": f"{exp.id}/{k + 1}:{step.method}", "input": step.describe(),
-                                           "output": str(result.artifact), "verdict": "done",
-                                           "gpu_hours": result.device_hours, "notes": "; ".join(result.notes),
-                                           "wall_s": round(time.perf_counter() - start, 1)})
+                result = method.run(trainable_copy(model), self._ctx(folder, exp.stage), step.spec())
+                if self.rank == 0:
+                    summary = _done_summary(result)
+                    summary.update(method=step.method, variants={t: _done_summary(v) for t, v in result.variants.items()})
+                    atomic_write_text(done_file, json.dumps(summary, indent=1))
+                self._append_log({"task_id": f"{exp.id}/{k + 1}:{step.method}", "input": step.describe(),
+                                  "output": str(result.artifact), "verdict": "done", "gpu_hours": result.device_hours,
+                                  "notes": "; ".join(result.notes), "wall_s": round(time.perf_counter() - start, 1)})
             results.append(result)
-            if step.method not in QUANTIZING:
+            if not method.quantizes:
                 model = result.model
-        return results[-1], results, entering
+        return results, entering
 
-    # -- experiments ----------------------------------------------------------------------------
-    def _exp_id(self, exp: Experiment, last: StepResult | None) -> str:
-        if not exp.steps:
-            return "P0_teacher_run1"
-        return make_exp_id("", exp.combo, _keyparams(exp.steps, last.fields if last else {}, last.details if last else None))
+    # -- measuring ------------------------------------------------------------------------------
+    def _eval_name(self, exp_id: str) -> str:
+        return TEACHER_EVAL if exp_id == "P0_teacher_run1" else f"{exp_id}_eval.json"
 
-    def _cached_record(self, exp_id: str, key: str) -> Record | None:
-        path = self.run_dir / f"{exp_id}_eval.json"
-        if not path.is_file():
+    def _cached(self, exp_id: str, key: str) -> tuple[Any, dict] | None:
+        """A record measured before under the same steps (`key`), with its eval JSON's details."""
+        path = self.run_dir / self._eval_name(exp_id)
+        if not path.is_file() or not (self.resume or exp_id == "P0_teacher_run1"):
             return None
         try:
             payload = json.loads(path.read_text())
-        except ValueError:
+            if payload.get("details", {}).get("plan_key") != key:
+                return None
+            return record_from_row(payload["record"], self.task.record_type), payload["details"]
+        except (ValueError, KeyError, TypeError):
             return None
-        if payload.get("details", {}).get("plan_key") != key:
-            return None
-        return record_from_row(payload["record"])
 
-    def _p3_reference(self, exp: Experiment, last: StepResult, entering: torch.nn.Module, key: str) -> Record:
-        """The FP32 record of the model a P3 experiment quantizes. K→Q, P→K→Q: its prefix
-        experiment's (measured here when the plan lacks that experiment). Joint PQK has no
-        prefix: its own float model (the pruned, distilled student before INT8 export)."""
-        if exp.steps[-1].method == "joint":
+    def measure(self, subject: StepResult, *, exp_id: str, combo: str, key: str, stage: str | None = None,
+                reference: Any = None, experiment: str | None = None, notes: list[str] | None = None,
+                extra: dict | None = None) -> tuple[Evaluation, GateVerdict | None]:
+        """Evaluate `subject` on the workload, apply `stage`'s gate against `reference` (none when
+        either is None), write <exp_id>_eval.json and the result_table.csv row."""
+        evaluation = evaluate(subject.model, self.workload, device=self.device, exp_id=exp_id, combo=combo, step=subject,
+                              options=self.options, data=self.data, task=self.task, progress=self.progress)
+        record = evaluation.record
+        verdict = None
+        step_notes = list(notes if notes is not None else subject.notes)
+        if stage is not None and reference is not None:
+            verdict = check_gate(stage, record, reference, rule=self.plan.gates.get(stage), latency_cut=subject.latency_cut,
+                                 task=self.task)
+            step_notes.append(verdict.note())
+            evaluation.details["vs_reference"] = _vs_reference(record, reference, self.task)
+        record.notes = "; ".join(filter(None, [*step_notes, record.notes]))
+        evaluation.details["step"] = json_safe(subject.details)
+        evaluation.details.update(json_safe(subject.eval_details))
+        evaluation.details["gate"] = None if verdict is None else {**verdict.to_json(), "reference": reference.exp_id}
+        evaluation.details["plan_key"] = key
+        if experiment is not None:
+            evaluation.details["plan_experiment"] = experiment
+        if extra:
+            evaluation.details.update(json_safe(extra))
+        if self.rank == 0:
+            write_json(self.run_dir / self._eval_name(exp_id), evaluation.to_json())
+            upsert_row(self.run_dir / "result_table.csv", record)
+        return evaluation, verdict
+
+    def _measure_once(self, subject: StepResult, exp_id: str, combo: str, key: str, **kw) -> Measured:
+        """measure(), or the record an earlier run measured under the same key."""
+        cached = self._cached(exp_id, key)
+        if cached is not None:
+            record, details = cached
+            return Measured(exp_id, record, self._eval_name(exp_id), details.get("gate"))
+        evaluation, _ = self.measure(subject, exp_id=exp_id, combo=combo, key=key, **kw)
+        return Measured(exp_id, evaluation.record, self._eval_name(exp_id), evaluation.details["gate"])
+
+    def teacher_record(self) -> Any:
+        """The teacher's P0 record on this workload (teacher_eval.json), measured once: a stored one
+        is reused when it measured the same weights on the same data."""
+        if self.baseline is None:
+            key = f"teacher:{weights_sha256(self.teacher)}:{self.task.data_hash(self.workload)}"
+            subject = StepResult(model=self.teacher, artifact=self.teacher_path)
+            self.baseline = self._measure_once(subject, "P0_teacher_run1", "teacher", key).record
+        return self.baseline
+
+    def _reference(self, exp: Experiment, results: list[StepResult], entering: torch.nn.Module, key: str) -> Any:
+        """The record an experiment's gate compares with, as its last method says (teacher | input |
+        own_float). "input": K→Q, P→K→Q compare with their prefix experiment (measured here when the
+        plan lacks it); own_float (joint PQK): the step's own float model before INT8 export."""
+        kind = exp.reference_kind
+        if kind == "teacher":
+            return self.teacher_record()
+        last = results[-1]
+        if kind == "own_float":
             label = f"{_keyparams(exp.steps, last.fields, last.details)}_FP32"
             fields = {k: v for k, v in last.fields.items() if k in ("rho", "T", "beta", "gamma")}
-            return self._measure_fp32(make_exp_id("", exp.combo, label), exp.combo, last.count_model, key + ":fp32", fields)
+            subject = StepResult(model=last.count_model, artifact=None, fields=fields)
+            return self._measure_once(subject, make_exp_id("", exp.combo, label), exp.combo, key + ":fp32").record
         for prefix in self.plan.prefixes(exp):
             if len(prefix.steps) == len(exp.steps) - 1 and prefix.id in self.records:
                 return self.records[prefix.id]
-        combo = exp.combo[:-1]
-        return self._measure_fp32(make_exp_id("", combo, "FP32"), combo, entering,
-                                  _chain_key(self.base_key, exp.steps[:-1]), {})
+        combo = exp.combo[:-len(get_method(exp.steps[-1].method).letter)] or "teacher"
+        fields = {}
+        for r in results[:-1]:
+            fields.update(r.fields)
+        subject = StepResult(model=entering, artifact=None, fields=fields)
+        return self._measure_once(subject, make_exp_id("", combo, "FP32"), combo, _chain_key(self.base_key, exp.steps[:-1])).record
 
-    def _measure_fp32(self, exp_id: str, combo: str, model: torch.nn.Module, key: str, fields: dict) -> Record:
-        cached = self._cached_record(exp_id, key)
-        if cached is not None:
-            return cached
-        step = StepResult(model=model, artifact=None, fields=dict(fields))
-        evaluation, _ = measure_step(step, self._ctx(self.run_dir), exp_id=exp_id, combo=combo, stage=None,
-                                     reference=None, options=self.options, scenes=self.scenes)
-        evaluation.details["plan_key"] = key
-        write_evaluation(evaluation, self.run_dir)
-        return evaluation.record
-
+    # -- experiments ----------------------------------------------------------------------------
     def run(self) -> list[ExperimentStatus]:
-        self._prepare()
-        self.records: dict[str, Record] = {}
-        self.baseline: Record | None = None
+        self.prepare()
         statuses: dict[str, ExperimentStatus] = {}
-        start = time.perf_counter()
+        start, started = time.perf_counter(), now_iso()
         for exp in self.plan.experiments:
-            blocked = [p for p in self.plan.prefixes(exp) if p.id in statuses and statuses[p.id].state != "done"
-                       or (p.id in statuses and statuses[p.id].verdict == "stop")]
-            if blocked and self.plan.gate_policy == "stop":
-                reasons = [f"{p.id}: gate stop ({'; '.join(statuses[p.id].reasons)})" if statuses[p.id].verdict == "stop"
-                           else f"{p.id}: {statuses[p.id].state}" for p in blocked]
-                statuses[exp.id] = ExperimentStatus(exp.id, "", "stopped", "", reasons)
+            reasons = self._blocked(exp, statuses)
+            if reasons:
+                statuses[exp.id] = ExperimentStatus(exp.id, exp.exp_id or "", "stopped", "", reasons, stage=exp.stage)
                 self.log(f"{exp.id}: stopped ({'; '.join(reasons)})")
-                _append_log(self.run_dir, {"task_id": exp.id, "input": ", ".join(s.describe() for s in exp.steps),
-                                           "output": "", "verdict": "stopped", "gpu_hours": 0.0, "notes": "; ".join(reasons)})
+                self._append_log({"task_id": exp.id, "input": ", ".join(s.describe() for s in exp.steps),
+                                  "output": "", "verdict": "stopped", "gpu_hours": 0.0, "notes": "; ".join(reasons)})
                 continue
-            statuses[exp.id] = self._run_experiment(exp)
-        self._write_ablations(statuses)
-        summary = {"plan": self.plan.name, "wall_time_s": round(time.perf_counter() - start, 1),
-                   "experiments": [{"id": s.id, "exp_id": s.exp_id, "state": s.state, "verdict": s.verdict,
-                                    "reasons": s.reasons} for s in statuses.values()]}
-        write_json(self.run_dir / "status.json", summary)
+            statuses[exp.id] = self.run_experiment(exp)
+        if self.rank == 0:
+            self._write_ablations(statuses)
+            self._write_manifest(statuses, started, time.perf_counter() - start)
         return list(statuses.values())
 
-    def _baseline(self) -> Record:
-        """The teacher's P0 record (measured once; teacher_reference reuses it from disk)."""
-        if self.baseline is None:
-            self.baseline = teacher_reference(self.teacher, self._ctx(self.run_dir), artifact=self.teacher_path,
-                                              options=self.options, scenes=self.scenes)
-        return self.baseline
+    def _blocked(self, exp: Experiment, statuses: dict[str, ExperimentStatus]) -> list[str]:
+        """Why `exp` must not run under gate_policy stop (an experiment it builds on failed its gate)."""
+        if self.plan.gate_policy != "stop":
+            return []
+        reasons = []
+        for p in self.plan.prefixes(exp):
+            st = statuses.get(p.id)
+            if st is None:
+                continue
+            if st.verdict == "stop":
+                reasons.append(f"{p.id}: gate stop ({'; '.join(st.reasons)})")
+            elif st.state != "done":
+                reasons.append(f"{p.id}: {st.state}")
+        return reasons
+
+    def run_experiment(self, exp: Experiment) -> ExperimentStatus:
+        """Run (or restore) the experiment's steps, measure it and gate it."""
+        if not exp.steps:
+            record = self.teacher_record()
+            self.records[exp.id] = record
+            return ExperimentStatus(exp.id, record.exp_id, "done", "", [], record, "P0",
+                                    [Measured(record.exp_id, record, TEACHER_EVAL)])
+        key = _chain_key(self.base_key, exp.steps)
+        results, entering = self._run_steps(exp)
+        if self.rank != 0:  # a non-main process under torchrun trains; rank 0 measures and writes
+            return ExperimentStatus(exp.id, exp.exp_id or "", "done", stage=exp.stage)
+        last = results[-1]
+        exp_id = exp.exp_id or make_exp_id("", exp.combo, _keyparams(exp.steps, last.fields, last.details))
+        subjects = self._subjects(exp, exp_id, results)
+        cached = [self._cached(name, key) for name in subjects]
+        if all(c is not None for c in cached):
+            measured = [Measured(n, c[0], self._eval_name(n), c[1].get("gate")) for n, c in zip(subjects, cached)]
+            self.log(f"{exp.id}: measured before ({', '.join(subjects)}), gate {(measured[0].gate or {}).get('verdict', '-')}")
+            return self._status(exp, measured, cached=True)
+        reference = self._reference(exp, results, entering, key)
+        self.log(f"{exp.id}: evaluating {', '.join(subjects)} (gate {exp.stage})")
+        measured = []
+        for name, subject in subjects.items():
+            evaluation, _ = self.measure(subject, exp_id=name, combo=exp.combo, key=key, stage=exp.stage, reference=reference,
+                                         experiment=exp.id)
+            measured.append(Measured(name, evaluation.record, self._eval_name(name), evaluation.details["gate"]))
+        status = self._status(exp, measured, cached=False)
+        self._append_log({"task_id": exp.id, "input": ", ".join(s.describe() for s in exp.steps),
+                          "output": ", ".join(m.eval_file for m in measured), "verdict": status.verdict or "measured",
+                          "gpu_hours": status.record.gpu_hours, "notes": status.record.notes})
+        return status
+
+    def _subjects(self, exp: Experiment, exp_id: str, results: list[StepResult]) -> dict[str, StepResult]:
+        """exp_id -> what is measured: the last step's result (fields of every step merged,
+        device-hours of every step summed, shared steps included), and with `measure_variants`
+        each of its variants as <combo>_<tag>_run1 instead."""
+        fields: dict = {}
+        for r in results:  # P→K→Q: rho from P, T/beta/gamma from K, bits/keep-list from Q
+            fields.update(r.fields)
+        hours = sum(r.device_hours for r in results)
+        steps_note = f"steps: {' -> '.join(s.describe() for s in exp.steps)}"
+        last = results[-1]
+        chosen = {exp_id: last}
+        if self.measure_variants and last.variants:
+            chosen = {make_exp_id("", exp.combo, tag): v for tag, v in last.variants.items()}
+        return {name: replace(r, fields={**fields, **r.fields}, device_hours=hours - last.device_hours + r.device_hours,
+                              notes=[*r.notes, steps_note], variants={})
+                for name, r in chosen.items()}
+
+    def _status(self, exp: Experiment, measured: list[Measured], cached: bool) -> ExperimentStatus:
+        primary = measured[-1] if self.measure_variants and len(measured) > 1 else measured[0]
+        self.records[exp.id] = primary.record
+        gate = primary.gate or {}
+        return ExperimentStatus(exp.id, primary.exp_id, "done", gate.get("verdict", ""), list(gate.get("reasons") or []),
+                                primary.record, exp.stage, measured, cached)
 
     def _write_ablations(self, statuses: dict[str, ExperimentStatus]) -> None:
         """ablation_keep.json / ablation_calib.json / ablation_loss.json: the P5 groups' records."""
@@ -360,48 +432,20 @@ class PlanRunner:
         for kind, rows in groups.items():
             write_json(self.run_dir / f"ablation_{kind}.json", {"ablation": kind, "experiments": rows})
 
-    def _run_experiment(self, exp: Experiment) -> ExperimentStatus:
-        if not exp.steps:
-            record = self._baseline()
-            self.records[exp.id] = record
-            return ExperimentStatus(exp.id, record.exp_id, "done", "", [], record)
-        key = _chain_key(self.base_key, exp.steps)
-        last, results, entering = self._run_steps(exp)
-        exp_id = self._exp_id(exp, last)
-        cached = self._cached_record(exp_id, key)
-        if cached is not None:
-            payload = json.loads((self.run_dir / f"{exp_id}_eval.json").read_text())
-            gate = payload["details"].get("gate") or {}
-            self.records[exp.id] = cached
-            self.log(f"{exp.id}: measured before ({exp_id}), gate {gate.get('verdict', '-')}")
-            return ExperimentStatus(exp.id, exp_id, "done", gate.get("verdict", ""), gate.get("reasons", []), cached)
-        stage = exp.stage
-        reference = self._p3_reference(exp, last, entering, key) if stage == "P3" else self._baseline()
-        latency_cut = None
-        side = (last.details or {}).get("latency_side_by_side")
-        if side:
-            from pqk.methods.quantize_step import RUNTIME_LATENCY_KEY
+    def _write_manifest(self, statuses: dict[str, ExperimentStatus], started: str, wall_s: float) -> None:
+        """run.json: what ran, in which state, with which typed gate verdicts (the report's input)."""
+        write_json(self.run_dir / MANIFEST, {
+            "plan": self.plan.name, "task": self.task.name, "plan_file": str(self.plan.path), "budget": self.plan.budget,
+            "gate_policy": self.plan.gate_policy, "started": started, "finished": now_iso(), "wall_time_s": round(wall_s, 1),
+            "teacher": str(self.teacher_path), "experiments": [s.to_json() for s in statuses.values()],
+        })
 
-            variant = RUNTIME_LATENCY_KEY["onednn" if last.backend == "torch" else "onnxruntime"]
-            speedup = side["variants"].get(variant, {}).get("speedup")
-            latency_cut = None if not speedup else 1.0 - 1.0 / speedup
-        # Device-hours of every step this experiment needed (shared steps count for each).
-        total_hours = sum(r.device_hours for r in results)
-        fields: dict = {}
-        for r in results:  # P→K→Q: rho from P, T/beta/gamma from K, bits/keep-list from Q
-            fields.update(r.fields)
-        measured = replace(last, fields=fields, device_hours=total_hours, notes=[*last.notes] + [f"steps: {' -> '.join(s.describe() for s in exp.steps)}"])
-        self.log(f"{exp.id}: evaluating {exp_id} (gate {stage})")
-        evaluation, gate = measure_step(measured, self._ctx(self.run_dir), exp_id=exp_id, combo=exp.combo, stage=stage,
-                                        reference=reference, options=self.options, scenes=self.scenes,
-                                        latency_cut=latency_cut, rule=self.plan.gates.get(stage))
-        evaluation.details["plan_key"] = key
-        evaluation.details["plan_experiment"] = exp.id
-        write_evaluation(evaluation, self.run_dir)
-        record = evaluation.record
-        self.records[exp.id] = record
-        verdict = gate["verdict"] if gate else ""
-        _append_log(self.run_dir, {"task_id": exp.id, "input": ", ".join(s.describe() for s in exp.steps),
-                                   "output": f"{exp_id}_eval.json", "verdict": verdict or "measured",
-                                   "gpu_hours": record.gpu_hours, "notes": record.notes})
-        return ExperimentStatus(exp.id, exp_id, "done", verdict, (gate or {}).get("reasons", []), record)
+
+def _vs_reference(record: Any, reference: Any, task) -> dict:
+    """Relative reductions against the gate's reference (positive = smaller / faster)."""
+    keys = ["params_M", "flops_G", "size_MB", task.latency_fields["p50_ms"]]
+    out = {}
+    for key in keys:
+        new, ref = getattr(record, key, None), getattr(reference, key, None)
+        out[key] = (1.0 - new / ref) if new is not None and ref else None
+    return out

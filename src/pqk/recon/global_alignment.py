@@ -29,7 +29,7 @@ import torch
 from scipy.sparse.csgraph import minimum_spanning_tree
 
 from pqk.errors import InputError
-from pqk.tasks.dust3r_metrics import umeyama_sim3
+from pqk.tasks.dust3r.metrics import umeyama_sim3
 
 FOCAL_BREAK = 20.0  # focals live as 20·log f: one Adam step moves a focal ~20× less than a log-depth
 BASE_SCALE = 0.5  # geometric mean of the edge scales; fixes the scene's free global scale

@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pqk.errors import InputError
-from pqk.pipeline.gates import HIGHER_IS_BETTER
 from pqk.pipeline.record import Record, atomic_write_text, ensure_writable_dir, write_json
 from pqk.report.plots import plot_pareto, plot_stages
 from pqk.report.rundata import REPORT_DIR, Gate, RunData, finite, load_run
 from pqk.report.tables import Table, fmt, fmt_pct, full_table, results_table
 
-QUALITY_METRICS = ("delta1", "absrel")
 ESTIMATE_FILE = "budget_estimate.json"
 
 
@@ -259,90 +257,100 @@ def build_report(
     log: Callable[[str], None] | None = None,
 ) -> Report:
     """Read RUN_DIR and write RUN_DIR/report/ (see the module docstring)."""
-    if metric not in QUALITY_METRICS:
-        raise InputError(f"--metric {metric!r} is not accepted; accepted: {', '.join(QUALITY_METRICS)}")
     say = log or (lambda _m: None)
     data = load_run(run_dir, plan)
+    if metric not in data.task.quality_fields:
+        raise InputError(f"--metric {metric!r} is not accepted; accepted: {', '.join(data.task.quality_fields)}")
     folder = Path(run_dir) / REPORT_DIR
     ensure_writable_dir(folder)
     teacher = data.teacher
     if teacher is None:
         data.notes.append("no teacher record (P0): no reference in the figures, no relative resources plot")
-
     files: dict[str, Path] = {}
-    pareto = plot_pareto(data.records, teacher, metric, folder / "pareto.png")
+    pareto = plot_pareto(data.records, teacher, metric, folder / "pareto.png", higher=data.task.direction(metric))
     files["pareto.png"] = folder / "pareto.png"
     if pareto["skipped"]:
         data.notes.append(f"not in the Pareto plot (no finite latency or {metric}): {', '.join(pareto['skipped'])}")
     if teacher is not None:
         plot_stages(data.records, teacher, folder / "stages.png")
         files["stages.png"] = folder / "stages.png"
-
-    results = results_table(data.records)
-    results.caption = f"Results ({len(data.records)} records); ↓ lower is better, ↑ higher is better; all 25 fields in result_table.csv"
-    gates = gate_table(data)
-    logs = log_table(data)
     est = resolve_estimate(data, folder, estimate, gpu=gpu, rate=rate, budget=budget, compute=compute_estimate, log=say)
-    budget_tab = budget_table(data, est) if est is not None else None
     if not data.log:
         data.notes.append("no execution_log.jsonl in the run folder: the daily log is empty")
-
-    plan_name = str(data.plan_raw.get("name") or Path(run_dir).resolve().name)
-    direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
-    front = ", ".join(pareto["front"]) or "—"
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-    # -- Markdown
-    md = [f"# Report: plan {plan_name}\n", f"{data.plan_raw.get('description', '')}\n" if data.plan_raw.get("description") else "",
-          f"Run folder `{run_dir}`, generated {generated}. Full table: [result_table.csv](../result_table.csv).\n",
-          "## Results\n", results.markdown(),
-          f"\n## Quality vs latency\n\n![pareto](pareto.png)\n\nQuality: {metric} ({direction} is better). "
-          f"Pareto front: {front}.\n"]
-    if "stages.png" in files:
-        md.append("\n## Resources relative to the teacher\n\n![stages](stages.png)\n")
-    joint = joint_table(data.records)
-    if joint is not None:
-        md += ["\n## Joint PQK vs sequential P→K→Q\n", joint.markdown(), f"\n{joint.caption}\n"]
-    md += ["\n## Gate verdicts\n", gates.markdown()]
-    if budget_tab is not None:
-        md += ["\n## Budget: estimate vs spent\n", budget_tab.markdown(), f"\n{budget_tab.caption}\n"]
-    md += ["\n## Daily execution log\n", logs.markdown() if logs.rows else "(no execution_log.jsonl)\n"]
-    if data.notes:
-        md += ["\n## Notes\n", "".join(f"- {n}\n" for n in data.notes)]
+    page = _Page(data, run_dir, metric, pareto, files, est)
     files["results.md"] = folder / "results.md"
-    atomic_write_text(files["results.md"], "\n".join(m for m in md if m))
-
-    # -- LaTeX
-    tex_results = results_table(data.records, latex=True)
-    tex_results.caption = f"Results of plan {plan_name} on the frozen workload"
+    atomic_write_text(files["results.md"], page.markdown())
     files["results.tex"] = folder / "results.tex"
-    atomic_write_text(files["results.tex"],
-                      "% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(plan_name)}-results")
-                      + "\n" + _latex_gates(gates, plan_name))
-
-    # -- HTML, one self-contained page
-    sections = [("Results", results.html() + "<details><summary>All 25 protocol fields</summary>"
-                 + full_table(data.records).html() + "</details>"),
-                ("Quality vs latency", _img(files["pareto.png"], "Pareto plot")
-                 + f"<p>Quality: <b>{html.escape(metric)}</b> ({direction} is better); marker area ∝ size on disk; "
-                 f"teacher = star and dashed lines. Pareto front: <b>{html.escape(front)}</b>.</p>")]
-    if "stages.png" in files:
-        sections.append(("Resources relative to the teacher", _img(files["stages.png"], "relative resources")))
-    if joint is not None:
-        sections.append(("Joint PQK vs sequential P→K→Q", joint.html()))
-    sections.append(("Gate verdicts", _gate_html(gates)))
-    if budget_tab is not None:
-        sections.append(("Budget: estimate vs spent", budget_tab.html()))
-    sections.append(("Daily execution log", logs.html() if logs.rows else "<p>(no execution_log.jsonl)</p>"))
-    if data.notes:
-        sections.append(("Notes", "<ul>" + "".join(f'<li class="note">{html.escape(n)}</li>' for n in data.notes) + "</ul>"))
-    meta = (html.escape(str(data.plan_raw.get("description", ""))) + (" — " if data.plan_raw.get("description") else "")
-            + f"run folder <code>{html.escape(str(run_dir))}</code>, {len(data.records)} records, generated {generated}")
+    atomic_write_text(files["results.tex"], page.latex())
     files["report.html"] = folder / "report.html"
-    atomic_write_text(files["report.html"], _page(f"pqk report: plan {plan_name}", meta, sections))
+    atomic_write_text(files["report.html"], page.html())
     if est is not None:
         files[ESTIMATE_FILE] = write_json(folder / ESTIMATE_FILE, est)  # what the budget table used
     return Report(folder, files, pareto, data.gates(), data.notes)
+
+
+class _Page:
+    """The report's tables and texts, written as Markdown, LaTeX and one self-contained HTML page."""
+
+    def __init__(self, data: RunData, run_dir: str | Path, metric: str, pareto: dict, files: dict, est: dict | None):
+        self.data, self.run_dir, self.metric, self.pareto, self.files = data, run_dir, metric, pareto, files
+        self.results = results_table(data.records)
+        self.results.caption = (f"Results ({len(data.records)} records); ↓ lower is better, ↑ higher is better; "
+                                f"all {len(data.task.record_fields)} fields in result_table.csv")
+        self.gates = gate_table(data)
+        self.logs = log_table(data)
+        self.budget_tab = budget_table(data, est) if est is not None else None
+        self.joint = joint_table(data.records)
+        self.plan_name = str(data.plan_raw.get("name") or Path(run_dir).resolve().name)
+        self.direction = "higher" if data.task.direction(metric) else "lower"
+        self.front = ", ".join(pareto["front"]) or "—"
+        self.generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    def markdown(self) -> str:
+        data = self.data
+        md = [f"# Report: plan {self.plan_name}\n", f"{data.plan_raw.get('description', '')}\n" if data.plan_raw.get("description") else "",
+              f"Run folder `{self.run_dir}`, generated {self.generated}. Full table: [result_table.csv](../result_table.csv).\n",
+              "## Results\n", self.results.markdown(),
+              f"\n## Quality vs latency\n\n![pareto](pareto.png)\n\nQuality: {self.metric} ({self.direction} is better). "
+              f"Pareto front: {self.front}.\n"]
+        if "stages.png" in self.files:
+            md.append("\n## Resources relative to the teacher\n\n![stages](stages.png)\n")
+        if self.joint is not None:
+            md += ["\n## Joint PQK vs sequential P→K→Q\n", self.joint.markdown(), f"\n{self.joint.caption}\n"]
+        md += ["\n## Gate verdicts\n", self.gates.markdown()]
+        if self.budget_tab is not None:
+            md += ["\n## Budget: estimate vs spent\n", self.budget_tab.markdown(), f"\n{self.budget_tab.caption}\n"]
+        md += ["\n## Daily execution log\n", self.logs.markdown() if self.logs.rows else "(no execution_log.jsonl)\n"]
+        if data.notes:
+            md += ["\n## Notes\n", "".join(f"- {n}\n" for n in data.notes)]
+        return "\n".join(m for m in md if m)
+
+    def latex(self) -> str:
+        tex_results = results_table(self.data.records, latex=True)
+        tex_results.caption = f"Results of plan {self.plan_name} on the frozen workload"
+        return ("% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(self.plan_name)}-results")
+                + "\n" + _latex_gates(self.gates, self.plan_name))
+
+    def html(self) -> str:
+        data, files = self.data, self.files
+        sections = [("Results", self.results.html() + f"<details><summary>All {len(data.task.record_fields)} protocol fields</summary>"
+                     + full_table(data.records).html() + "</details>"),
+                    ("Quality vs latency", _img(files["pareto.png"], "Pareto plot")
+                     + f"<p>Quality: <b>{html.escape(self.metric)}</b> ({self.direction} is better); marker area ∝ size on disk; "
+                     f"teacher = star and dashed lines. Pareto front: <b>{html.escape(self.front)}</b>.</p>")]
+        if "stages.png" in files:
+            sections.append(("Resources relative to the teacher", _img(files["stages.png"], "relative resources")))
+        if self.joint is not None:
+            sections.append(("Joint PQK vs sequential P→K→Q", self.joint.html()))
+        sections.append(("Gate verdicts", _gate_html(self.gates)))
+        if self.budget_tab is not None:
+            sections.append(("Budget: estimate vs spent", self.budget_tab.html()))
+        sections.append(("Daily execution log", self.logs.html() if self.logs.rows else "<p>(no execution_log.jsonl)</p>"))
+        if data.notes:
+            sections.append(("Notes", "<ul>" + "".join(f'<li class="note">{html.escape(n)}</li>' for n in data.notes) + "</ul>"))
+        meta = (html.escape(str(data.plan_raw.get("description", ""))) + (" — " if data.plan_raw.get("description") else "")
+                + f"run folder <code>{html.escape(str(self.run_dir))}</code>, {len(data.records)} records, generated {self.generated}")
+        return _page(f"pqk report: plan {self.plan_name}", meta, sections)
 
 
 def _latex_gates(gates: Table, plan_name: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pqk.pipeline.gates import HIGHER_IS_BETTER
 from pqk.pipeline.record import Record
 from pqk.report.rundata import finite
 
@@ -56,12 +55,12 @@ def quality_points(records: Sequence[Record], metric: str) -> list[tuple[Record,
     return out
 
 
-def plot_pareto(records: Sequence[Record], teacher: Record | None, metric: str, path: Path) -> dict:
+def plot_pareto(records: Sequence[Record], teacher: Record | None, metric: str, path: Path,
+                higher: bool = True) -> dict:
     """pareto.png: quality vs t_pair_p50_ms, marker area ∝ size_MB, labelled by exp_id, the teacher
     as a reference (star and dashed lines), the Pareto front joined and ringed. Returns what
-    was plotted (front exp_ids, metric, skipped records)."""
+    was plotted (front exp_ids, metric, skipped records). `higher`: the metric's direction."""
     plt = _pyplot()
-    higher = HIGHER_IS_BETTER[metric]
     pts = quality_points(records, metric)
     skipped = [r.exp_id for r in records if r not in [p[0] for p in pts]]
     front = [pts[i][0].exp_id for i in pareto_front([(t, q) for _, t, q in pts], higher)]

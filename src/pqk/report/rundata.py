@@ -1,6 +1,8 @@
-"""What a plan's run folder holds, read once: the records (result_table.csv), their eval
-JSONs, gate verdicts, the daily execution log and the plan. Tolerant of partial runs: every
-piece but the records is optional, and what is missing becomes a note, not an error."""
+"""What a plan's run folder holds, read once: the run manifest (run.json: the family, every
+experiment's state and typed gate verdicts), the records (result_table.csv), their eval JSONs,
+the daily execution log and the plan. Tolerant of partial runs: every piece but the records is
+optional, and what is missing becomes a note, not an error. Folders written before run.json
+existed are read the old way (gates from the eval JSONs or the records' notes, status.json)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 from pqk.errors import InputError
 from pqk.pipeline.gates import record_from_row
-from pqk.pipeline.record import RECORD_FIELDS, Record, read_table
+from pqk.pipeline.record import Record, read_table
 
 LOG_FILE = "execution_log.jsonl"
 REPORT_DIR = "report"
@@ -27,7 +29,7 @@ class Gate:
     reasons: list[str] = field(default_factory=list)
     reference: str = ""
     figures: dict = field(default_factory=dict)
-    source: str = ""  # eval JSON | notes | status.json
+    source: str = ""  # run.json | eval JSON | notes | status.json
     experiment: str = ""  # the plan experiment, when the gate row knows it (stopped experiments)
 
 
@@ -42,8 +44,10 @@ class RunData:
     log: list[dict]
     plan_path: Path | None
     plan_raw: dict
-    status: dict
+    status: dict  # run.json (or a legacy status.json): {"experiments": [{id, exp_id, state, reasons, ...}]}
     notes: list[str] = field(default_factory=list)
+    task: Any = None  # the family's adapter (pqk.tasks.Task)
+    manifest: bool = False  # `status` is a run.json manifest with typed verdicts
 
     @property
     def teacher(self) -> Record | None:
@@ -54,8 +58,34 @@ class RunData:
         return None
 
     def gates(self) -> list[Gate]:
-        """One verdict per record (eval JSON's details.gate, else the notes' 'gate Px: ...'),
-        then the experiments the runner stopped without measuring them (status.json)."""
+        """One verdict per record, then the experiments the runner stopped without measuring
+        them. From run.json's typed verdicts; in a folder without one, from the eval JSON's
+        details.gate, else the notes' 'gate Px: ...', and status.json."""
+        out = self._manifest_gates() if self.manifest else self._legacy_gates()
+        source = "run.json" if self.manifest else "status.json"
+        for exp in self.status.get("experiments") or []:
+            if isinstance(exp, dict) and exp.get("state") == "stopped":
+                out.append(Gate(str(exp.get("exp_id") or ""), str(exp.get("stage") or ""), "stopped (not run)",
+                                list(exp.get("reasons") or []), source=source, experiment=str(exp.get("id") or "")))
+        return out
+
+    def _manifest_gates(self) -> list[Gate]:
+        typed = {str(ev.get("exp_id")): (str(exp.get("id", "")), ev.get("gate"))
+                 for exp in self.status.get("experiments") or [] if isinstance(exp, dict)
+                 for ev in exp.get("evaluations") or [] if isinstance(ev, dict)}
+        out = []
+        for rec in self.records:
+            experiment, gate = typed.get(rec.exp_id, ("", None))
+            if isinstance(gate, dict) and gate.get("verdict"):
+                out.append(Gate(rec.exp_id, str(gate.get("stage", "")), str(gate["verdict"]), list(gate.get("reasons") or []),
+                                str(gate.get("reference", "")), dict(gate.get("figures") or {}), "run.json", experiment))
+            elif rec is self.teacher:
+                out.append(Gate(rec.exp_id, "P0", "reference", source="record"))
+            else:  # a reference measured for a gate (e.g. the FP32 model of a P3 experiment), or a foreign row
+                out.append(Gate(rec.exp_id, "", "—", source="none"))
+        return out
+
+    def _legacy_gates(self) -> list[Gate]:
         out = []
         for rec in self.records:
             gate = (self.evals.get(rec.exp_id, {}).get("details") or {}).get("gate")
@@ -71,10 +101,6 @@ class RunData:
                 out.append(Gate(rec.exp_id, "P0", "reference", source="record"))
             else:
                 out.append(Gate(rec.exp_id, "", "—", source="none"))
-        for exp in self.status.get("experiments") or []:
-            if isinstance(exp, dict) and exp.get("state") == "stopped":
-                out.append(Gate(str(exp.get("exp_id") or ""), "", "stopped (not run)", list(exp.get("reasons") or []),
-                                source="status.json", experiment=str(exp.get("id") or "")))
         return out
 
 
@@ -134,8 +160,11 @@ def read_log(path: Path, notes: list[str]) -> list[dict]:
 
 
 def load_run(run_dir: str | Path, plan: str | Path | None = None) -> RunData:
-    """Read RUN_DIR (runs/<plan>): result_table.csv, every *_eval.json under it (sub-folders
-    included, the report folder excepted), execution_log.jsonl, status.json, plan.yaml."""
+    """Read RUN_DIR (runs/<plan>): run.json (else a legacy status.json), result_table.csv, every
+    *_eval.json under it (sub-folders included, the report folder excepted), execution_log.jsonl,
+    plan.yaml."""
+    from pqk.tasks import get_task
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"run folder {run_dir} does not exist; give the folder a plan wrote, e.g. runs/minimal")
@@ -160,10 +189,15 @@ def load_run(run_dir: str | Path, plan: str | Path | None = None) -> RunData:
             raise InputError(f"run folder {run_dir} holds no result_table.csv and no *_eval.json: nothing to report")
         notes.append("no result_table.csv: records read from the eval JSONs")
         rows = [{k: "" if v is None else str(v) for k, v in p["record"].items()} for p in evals.values()]
-    missing = [f for f in RECORD_FIELDS if f not in rows[0]]
+    manifest = run_dir / "run.json"
+    status_path = manifest if manifest.is_file() else run_dir / "status.json"
+    status = _read_json(status_path, notes) if status_path.is_file() else {}
+    status = status if isinstance(status, dict) else {}
+    task = get_task(str(status.get("task") or "dust3r")) if status_path == manifest else get_task()
+    missing = [f for f in task.record_fields if f not in rows[0]]
     if missing:
         notes.append(f"result_table.csv lacks field(s) {', '.join(missing)}")
-    records = [record_from_row(r) for r in rows]
+    records = [record_from_row(r, task.record_type) for r in rows]
 
     plan_path = Path(plan) if plan is not None else (run_dir / "plan.yaml" if (run_dir / "plan.yaml").is_file() else None)
     if plan is not None and not plan_path.is_file():
@@ -178,11 +212,9 @@ def load_run(run_dir: str | Path, plan: str | Path | None = None) -> RunData:
         except yaml.YAMLError:
             notes.append(f"plan {plan_path} is not valid YAML: budget comparison left out")
             plan_path = None
-    status_path = run_dir / "status.json"
-    status = _read_json(status_path, notes) if status_path.is_file() else {}
 
     data = RunData(run_dir, rows, records, evals, eval_paths, {}, read_log(run_dir / LOG_FILE, notes), plan_path,
-                   plan_raw, status if isinstance(status, dict) else {}, notes)
+                   plan_raw, status, notes, task, status_path == manifest and bool(status))
     data.experiments = _experiment_map(data)
     return data
 
@@ -196,6 +228,8 @@ def _experiment_map(data: RunData) -> dict[str, str]:
                      if isinstance(e, dict) and not e.get("steps")), None)
     by_status = {str(e.get("exp_id")): str(e.get("id")) for e in data.status.get("experiments") or []
                  if isinstance(e, dict) and e.get("exp_id")}
+    by_status.update({str(ev.get("exp_id")): str(e.get("id")) for e in data.status.get("experiments") or []
+                      if isinstance(e, dict) for ev in e.get("evaluations") or [] if isinstance(ev, dict)})
     out: dict[str, str] = {}
     for rec in data.records:
         details = (data.evals.get(rec.exp_id) or {}).get("details") or {}

@@ -104,7 +104,7 @@ def _val_examples(stage: Stage, recipe: TeacherRecipe) -> list[dict]:
 @torch.no_grad()
 def validate(model: torch.nn.Module, examples: list[dict], batch_size: int = 4) -> dict[str, float]:
     """Median-aligned depth metrics of view 1 (the protocol's depth figures) and the loss."""
-    from pqk.tasks.dust3r_metrics import aggregate_depth_metrics, depth_metrics
+    from pqk.tasks.dust3r.metrics import aggregate_depth_metrics, depth_metrics
 
     model.eval()
     per_view, losses = [], []

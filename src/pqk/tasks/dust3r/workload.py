@@ -133,7 +133,7 @@ def make_workload(
 
 
 def save_workload(workload: Workload, path: Path) -> Path:
-    from pqk.pipeline.record import atomic_write_text
+    from pqk.io.files import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,3 +154,36 @@ def load_workload(path: Path) -> Workload:
     if unknown:
         raise InputError(f"workload {path} has unknown field {unknown[0]!r}")
     return Workload(**raw)
+
+
+# The protocol's workload when no workload file is found (configs/workload.yaml).
+_DEFAULT_SHAPE = {"width": 512, "height": 384, "pairs": 20, "real_pairs": 2, "scene_level": 1,
+                  "views": 8, "scene_graph": "swin-4", "symmetrize": True}
+_LATENCY_PASSES = 3 + 30  # EvalOptions: 3 warm-up + 30 timed pairs
+
+
+def evaluation_shape(path: Path | None, notes: list[str]) -> dict:
+    """Evaluation shape and pass count of a frozen workload, read without loading its scenes
+    (what `pqk budget` prices one evaluation with)."""
+    from pqk.errors import ConfigError
+    from pqk.yaml_io import read_yaml
+
+    shape = dict(_DEFAULT_SHAPE)
+    if path is None:
+        notes.append("no workload file found: the protocol's workload assumed (512x384, 20 pairs, 1 scene of 8 views)")
+    else:
+        data = read_yaml(path, "workload", invalid=ConfigError) or {}
+        src = data.get("data") if isinstance(data.get("data"), dict) else {}
+        shape.update(
+            width=int(src.get("width", shape["width"])), height=int(src.get("height", shape["height"])),
+            pairs=len(data.get("pairs") or []) or int(data.get("n_pairs", shape["pairs"])),
+            real_pairs=len(data.get("real_pairs") or []), scene_level=len(data.get("scene_level") or []),
+            views=int(src.get("views", shape["views"])), scene_graph=str(data.get("scene_graph", shape["scene_graph"])),
+            symmetrize=bool(data.get("symmetrize", True)),
+        )
+    scene_pairs = len(make_pair_indices(shape["views"], shape["scene_graph"], symmetrize=shape["symmetrize"]))
+    shape["passes"] = shape["pairs"] + shape["real_pairs"] + _LATENCY_PASSES + shape["scene_level"] * scene_pairs
+    shape["scene_pairs"] = scene_pairs
+    shape["what"] = (f"{shape['pairs']} pairs, {shape['real_pairs']} real, {_LATENCY_PASSES} latency, "
+                     f"{shape['scene_level']} scene x {scene_pairs} pairs")
+    return shape

@@ -1,0 +1,117 @@
+"""What every `pqk` command shares: the Typer app and its groups, the two consoles, device and
+model loading, staged output folders."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from pqk import __version__
+from pqk.errors import InputError
+
+app = typer.Typer(
+    help=(
+        "pqk makes feed-forward transformers light (distill K, prune P, quantize Q) and measures "
+        "every path under one protocol. Flagship model: DUSt3R (two images in, two pointmaps out)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+export_app = typer.Typer(help="Export a DUSt3R to a deployable format.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+workload_app = typer.Typer(help="The frozen workload every experiment is measured on.", no_args_is_help=True)
+app.add_typer(workload_app, name="workload")
+teacher_app = typer.Typer(help="The embedded teacher: a small DUSt3R trained on generated scenes.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class Size(str, Enum):
+    s224 = "224"
+    s512 = "512"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"pqk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """pqk: distill, prune and quantize DUSt3R, measured under one protocol."""
+
+
+# --- shared helpers ---------------------------------------------------------------------
+
+
+def _resolve_device(device: Device) -> str:
+    import torch
+
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu")
+    return device.value
+
+
+def _load_model(checkpoint: Optional[Path], device: str, option: str = "--checkpoint"):
+    """The user's checkpoint, or the bundled default with its notice (naming the command's `option`)."""
+    from pqk.assets import default_checkpoint
+    from pqk.models.dust3r import load_checkpoint
+
+    if checkpoint is None:
+        checkpoint, notice = default_checkpoint(option)
+        if notice:
+            err.print(f"[bold yellow]note:[/] {notice}")
+    return load_checkpoint(checkpoint, device=device), checkpoint
+
+
+def _model_path(checkpoint: Optional[Path], option: str) -> Path:
+    """The user's checkpoint, or the bundled default (its notice printed, naming `option`)."""
+    from pqk.assets import default_checkpoint
+
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise InputError(f"{option} {checkpoint} does not exist")
+        return checkpoint
+    checkpoint, notice = default_checkpoint(option)
+    if notice:
+        err.print(f"[bold yellow]note:[/] {notice}")
+    return Path(checkpoint)
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A hidden sibling of `out_dir` to write into, so `out_dir` never holds half a result."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} exists and is not a folder")
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{out_dir.name}.partial-{os.getpid()}"
+        staging.mkdir(exist_ok=False)
+    except OSError as exc:
+        raise InputError(f"--out {out_dir} cannot be written ({exc.strerror})") from None
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in sorted(staging.iterdir()):
+        os.replace(item, out_dir / item.name)
+    staging.rmdir()
+
+
