@@ -131,6 +131,94 @@ def _initializer_bytes(proto: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in proto.graph.initializer)
 
 
+def _check_export_args(
+    model: nn.Module, height: int, width: int, height2: int | None, width2: int | None, opset: int, batch: int
+) -> tuple[int, int, int, int, int, int]:
+    """`export_onnx`'s sizes, opset and batch checked and made ints:
+    (height, width, height2, width2, opset, batch)."""
+    patch = int(model.config.patch_size)
+    height = _check_size("height", height, patch)
+    width = _check_size("width", width, patch)
+    if (height2 is None) != (width2 is None):
+        raise InputError("give both height2 and width2 for view 2, or neither")
+    height2 = height if height2 is None else _check_size("height2", height2, patch)
+    width2 = width if width2 is None else _check_size("width2", width2, patch)
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
+        raise InputError(f"batch must be a positive integer; got {batch!r}")
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}; got {opset!r}")
+    batch, opset = int(batch), int(opset)
+    return height, width, height2, width2, opset, batch
+
+
+def _trace_to_onnx(net: nn.Module, img1: torch.Tensor, img2: torch.Tensor, raw: Path, opset: int) -> None:
+    """Trace `net` in eval mode on the example pair into the raw, unchecked graph `raw`;
+    restoring the training mode is left to the caller."""
+    net.eval()
+    with torch.no_grad(), warnings.catch_warnings(), _expm1_registered(opset):
+        # Expected: true_shape is read as Python ints on purpose (static graph).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Expected: the legacy exporter is chosen on purpose (no onnxscript here).
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+        warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
+        torch.onnx.export(
+            PairGraphModule(net),
+            (img1, img2),
+            str(raw),
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+        )
+
+
+def _stamped_proto(raw: Path, model: nn.Module, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """The raw graph with its IR version lowered and pqk's metadata in place of any other."""
+    proto = onnx.load(str(raw))
+    lower_ir_version(proto)
+    meta = {
+        META_PQK_VERSION: pqk.__version__,
+        META_DUST3R_KWARGS: json.dumps(model.config.to_kwargs(), sort_keys=True),
+        META_INPUT_SHAPES: json.dumps(shapes),
+        META_OUTPUT_NAMES: json.dumps(list(OUTPUT_NAMES)),
+    }
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = "DUSt3R image pair -> pointmaps and confidences, exported by pqk"
+    return proto
+
+
+def _save_checked(raw: Path, tmp_dir: Path, path: Path, model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Stamp the raw graph, save and check it in `tmp_dir`, then move it (and its weights
+    file when large) to `path`."""
+    # The proto is only referenced here, so `del proto` below frees it before the check.
+    proto = _stamped_proto(raw, model, shapes)
+    data_name = path.name + ".data"
+    external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    staged = tmp_dir / path.name
+    onnx.save_model(
+        proto,
+        str(staged),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data_name,
+    )
+    del proto
+    # The path form also checks graphs over 2 GiB.
+    onnx.checker.check_model(str(staged))
+    # Two files cannot be swapped atomically together: move the weights first so the
+    # new graph never points at missing or stale data.
+    stale_data = path.parent / data_name
+    if external:
+        # onnx creates the side file owner-only; give it the .onnx file's (umask) mode.
+        shutil.copymode(staged, tmp_dir / data_name)
+        os.replace(tmp_dir / data_name, stale_data)
+    os.replace(staged, path)
+    if not external and stale_data.exists():
+        stale_data.unlink()  # left by an earlier large export to the same name
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -146,18 +234,9 @@ def export_onnx(
 
     Written atomically: a failed export or check leaves any previous file untouched.
     """
-    patch = int(model.config.patch_size)
-    height = _check_size("height", height, patch)
-    width = _check_size("width", width, patch)
-    if (height2 is None) != (width2 is None):
-        raise InputError("give both height2 and width2 for view 2, or neither")
-    height2 = height if height2 is None else _check_size("height2", height2, patch)
-    width2 = width if width2 is None else _check_size("width2", width2, patch)
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch <= 0:
-        raise InputError(f"batch must be a positive integer; got {batch!r}")
-    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InputError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}; got {opset!r}")
-    batch, opset = int(batch), int(opset)
+    height, width, height2, width2, opset, batch = _check_export_args(
+        model, height, width, height2, width2, opset, batch
+    )
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,59 +254,8 @@ def export_onnx(
     was_training = net.training
     try:
         raw = tmp_dir / "raw.onnx"
-        net.eval()
-        with torch.no_grad(), warnings.catch_warnings(), _expm1_registered(opset):
-            # Expected: true_shape is read as Python ints on purpose (static graph).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # Expected: the legacy exporter is chosen on purpose (no onnxscript here).
-            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
-            warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning)
-            torch.onnx.export(
-                PairGraphModule(net),
-                (img1, img2),
-                str(raw),
-                dynamo=False,
-                opset_version=opset,
-                do_constant_folding=True,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-            )
-
-        proto = onnx.load(str(raw))
-        lower_ir_version(proto)
-        meta = {
-            META_PQK_VERSION: pqk.__version__,
-            META_DUST3R_KWARGS: json.dumps(model.config.to_kwargs(), sort_keys=True),
-            META_INPUT_SHAPES: json.dumps(shapes),
-            META_OUTPUT_NAMES: json.dumps(list(OUTPUT_NAMES)),
-        }
-        del proto.metadata_props[:]
-        onnx.helper.set_model_props(proto, meta)
-        proto.doc_string = "DUSt3R image pair -> pointmaps and confidences, exported by pqk"
-
-        data_name = path.name + ".data"
-        external = _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
-        staged = tmp_dir / path.name
-        onnx.save_model(
-            proto,
-            str(staged),
-            save_as_external_data=external,
-            all_tensors_to_one_file=True,
-            location=data_name,
-        )
-        del proto
-        # The path form also checks graphs over 2 GiB.
-        onnx.checker.check_model(str(staged))
-        # Two files cannot be swapped atomically together: move the weights first so the
-        # new graph never points at missing or stale data.
-        stale_data = path.parent / data_name
-        if external:
-            # onnx creates the side file owner-only; give it the .onnx file's (umask) mode.
-            shutil.copymode(staged, tmp_dir / data_name)
-            os.replace(tmp_dir / data_name, stale_data)
-        os.replace(staged, path)
-        if not external and stale_data.exists():
-            stale_data.unlink()  # left by an earlier large export to the same name
+        _trace_to_onnx(net, img1, img2, raw, opset)
+        _save_checked(raw, tmp_dir, path, model, shapes)
     finally:
         net.train(was_training)
         shutil.rmtree(tmp_dir, ignore_errors=True)
