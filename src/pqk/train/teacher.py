@@ -128,6 +128,22 @@ def _save_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def _recipe_record(recipe: TeacherRecipe, model: torch.nn.Module, total_steps: int, done_before: int, elapsed: float,
+                   history: list) -> dict:
+    """teacher_recipe.json: the recipe, what this run did, the validation history and where it ran."""
+    return {
+        "recipe": asdict(recipe),
+        "total_steps": total_steps,
+        "steps_this_run": total_steps - done_before,
+        "train_wall_time_s": round(elapsed, 1),
+        "params": count_parameters(model),
+        "history": history,
+        "final_val": {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {},
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+
+
 def train_teacher(
     recipe: TeacherRecipe,
     out_dir: Path,
@@ -199,17 +215,7 @@ def train_teacher(
         stage_idx, step_in_stage = stage_idx + 1, 0
         del sampler
 
-    record = {
-        "recipe": asdict(recipe),
-        "total_steps": total_steps,
-        "steps_this_run": total_steps - done_before,
-        "train_wall_time_s": round(elapsed, 1),
-        "params": count_parameters(model),
-        "history": history,
-        "final_val": {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {},
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-    }
+    record = _recipe_record(recipe, model, total_steps, done_before, elapsed, history)
     model.eval()
     save_model(model, out_dir / "teacher.safetensors", history=[{"step": "teacher_train", "seed": recipe.seed, "total_steps": total_steps}])
     (out_dir / "teacher_recipe.json").write_text(json.dumps(record, indent=1))

@@ -31,13 +31,11 @@ modules), so any method reuses this loop unchanged.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,9 @@ import torch.nn as nn
 
 from pqk.data.pair_batches import PairSampler
 from pqk.errors import ConfigError
+from pqk.train.bookkeeping import (
+    _atomic_save, _cpu_state, _progress, _rng_state, _set_rng_state, _short, _spec_key, _tensorboard, _write_log,
+)
 from pqk.train.schedule import warmup_cosine
 from pqk.train.teacher import TRAIN_SEED_BASE, VAL_SEED_BASE, Stage, TeacherRecipe, _scenes, _val_examples, validate
 
@@ -244,69 +245,7 @@ def _validate(model: nn.Module, examples: list[dict], device: torch.device) -> d
     return validate(model if device.type == "cpu" else _OnDevice(model, device), examples)
 
 
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _rng_state(sampler: PairSampler, device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy_sampler": sampler.state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, sampler: PairSampler, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    sampler.set_state(state["numpy_sampler"])
-    random.setstate(_as_tuple(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _spec_key(spec: TrainSpec) -> dict:
-    # What must match for a checkpoint to continue this run exactly.
-    return asdict(spec)
-
-
 # --- the loop -------------------------------------------------------------------------------
-
-
-def _progress(show: bool, name: str, total: int):
-    if not show:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-    progress.start()
-    progress.add_task(name, total=total, info="")
-    return progress
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is an optional dependency
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
-
-
-def _short(logs: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.3g}" for k, v in logs.items())
 
 
 def fit(
@@ -328,192 +267,224 @@ def fit(
     Continues from `out_dir/last.pth` when `resume` and it exists (a finished run returns at
     once). Returns the model with its best-epoch weights loaded. `on_step(step, logs)` is
     called after every optimizer step (tests use it to kill a run)."""
-    out_dir = Path(out_dir)
-    rank, world = _dist_info()
-    main = rank == 0
-    dev = torch.device(device or _default_device())
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path, log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / f"{name}_log.json"
+    run = _Fit(model, loss_fn, spec, out_dir, extra_modules=extra_modules, log=log, show_progress=show_progress,
+               name=name, device=device, on_step=on_step)
+    run.restore(resume)
+    if not run.finished:
+        run.train()
+    return run.result()
 
-    torch.manual_seed(spec.seed)
-    extras = nn.ModuleDict(extra_modules or {})
-    model.to(dev)
-    extras.to(dev)
-    params = [p for p in list(model.parameters()) + list(extras.parameters()) if p.requires_grad]
-    extra_params = [p for p in extras.parameters() if p.requires_grad]
-    # Betas as the teacher's recipe (and DUSt3R's): 0.95 reacts faster on short schedules.
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
 
-    total = spec.total_steps
-    warmup = min(spec.warmup_steps, total // 5)  # a scaled-down run still spends most steps at full lr
-    step, history, elapsed, skipped = 0, [], 0.0, 0
-    best_key, best_epoch, best_val, bad_epochs, stopped, finished = None, 0, {}, 0, False, False
-    epoch_sums: dict[str, float] = {}
-    rng_states = None
-    best_state = None
+class _Fit:
+    """One call of `fit`, in phases (set up, restore, train epoch by epoch, result) that share
+    the model, the optimizer and the run state as attributes named as `fit`'s locals were."""
 
-    state = None
-    if not resume and main:
-        # Starting over: a stale best.pth must never stand in for this run's best epoch.
-        for stale in (last_path, best_path):
-            stale.unlink(missing_ok=True)
-    if world > 1:
-        dist.barrier()  # nobody reads last.pth while rank 0 may still be removing it
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("spec") != _spec_key(spec):
-            changed = sorted(k for k, v in _spec_key(spec).items() if state.get("spec", {}).get(k) != v)
-            raise ConfigError(
-                f"{last_path} belongs to a run with another training spec ({', '.join(changed) or 'unknown'} differ); "
-                "resume it with the same settings, or start over (--no-resume / another --out)"
-            )
-        if state.get("world_size", 1) != world:
-            raise ConfigError(f"{last_path} was written by {state.get('world_size')} processes, this run has {world}; "
-                              "resume with the same number of processes")
-        model.load_state_dict(state["model"])
-        extras.load_state_dict(state["extra"])
-        opt.load_state_dict(state["optimizer"])
-        step, history, elapsed, skipped = state["step"], state["history"], state["elapsed_s"], state["skipped_steps"]
-        best_key, best_epoch, best_val = state["best_key"], state["best_epoch"], state["best_val"]
-        bad_epochs, stopped, finished = state["bad_epochs"], state["stopped"], state["finished"]
-        epoch_sums, rng_states = state["epoch_sums"], state["rng"]
-        if best_path.exists():
-            best_state = torch.load(best_path, map_location="cpu", weights_only=True)
-        log(f"{name}: resuming at step {step}/{total} (epoch {step // spec.steps_per_epoch + 1})"
-            + (" — already finished" if finished else ""))
+    def __init__(self, model: nn.Module, loss_fn: LossFn, spec: TrainSpec, out_dir: Path, *,
+                 extra_modules: dict[str, nn.Module] | None, log: Callable[[str], None], show_progress: bool,
+                 name: str, device: str | None, on_step: Callable[[int, dict[str, float]], None] | None):
+        self.model, self.loss_fn, self.spec, self.log, self.name, self.on_step = model, loss_fn, spec, log, name, on_step
+        self.show_progress = show_progress
+        out_dir = self.out_dir = Path(out_dir)
+        self.rank, self.world = _dist_info()
+        self.main = self.rank == 0
+        self.dev = torch.device(device or _default_device())
+        if self.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path, self.best_path, self.log_path = out_dir / "last.pth", out_dir / "best.pth", out_dir / f"{name}_log.json"
 
-    if not finished:
-        t_run = time.perf_counter()
+        torch.manual_seed(spec.seed)
+        extras = self.extras = nn.ModuleDict(extra_modules or {})
+        model.to(self.dev)
+        extras.to(self.dev)
+        self.params = [p for p in list(model.parameters()) + list(extras.parameters()) if p.requires_grad]
+        self.extra_params = [p for p in extras.parameters() if p.requires_grad]
+        # Betas as the teacher's recipe (and DUSt3R's): 0.95 reacts faster on short schedules.
+        self.opt = torch.optim.AdamW(self.params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
+
+        self.total = spec.total_steps
+        self.warmup = min(spec.warmup_steps, self.total // 5)  # a scaled-down run still spends most steps at full lr
+        self.step, self.history, self.elapsed, self.skipped = 0, [], 0.0, 0
+        self.best_key, self.best_epoch, self.best_val, self.bad_epochs, self.stopped, self.finished = None, 0, {}, 0, False, False
+        self.epoch_sums: dict[str, float] = {}
+        self.rng_states = None
+        self.best_state = None
+
+    def restore(self, resume: bool) -> None:
+        """Start over (stale checkpoints removed) or continue from last.pth."""
+        spec, last_path, best_path, world = self.spec, self.last_path, self.best_path, self.world
+        if not resume and self.main:
+            # Starting over: a stale best.pth must never stand in for this run's best epoch.
+            for stale in (last_path, best_path):
+                stale.unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()  # nobody reads last.pth while rank 0 may still be removing it
+        if resume and last_path.exists():
+            state = torch.load(last_path, map_location="cpu", weights_only=True)
+            if state.get("spec") != _spec_key(spec):
+                changed = sorted(k for k, v in _spec_key(spec).items() if state.get("spec", {}).get(k) != v)
+                raise ConfigError(
+                    f"{last_path} belongs to a run with another training spec ({', '.join(changed) or 'unknown'} differ); "
+                    "resume it with the same settings, or start over (--no-resume / another --out)"
+                )
+            if state.get("world_size", 1) != world:
+                raise ConfigError(f"{last_path} was written by {state.get('world_size')} processes, this run has {world}; "
+                                  "resume with the same number of processes")
+            self.model.load_state_dict(state["model"])
+            self.extras.load_state_dict(state["extra"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.step, self.history, self.elapsed, self.skipped = state["step"], state["history"], state["elapsed_s"], state["skipped_steps"]
+            self.best_key, self.best_epoch, self.best_val = state["best_key"], state["best_epoch"], state["best_val"]
+            self.bad_epochs, self.stopped, self.finished = state["bad_epochs"], state["stopped"], state["finished"]
+            self.epoch_sums, self.rng_states = state["epoch_sums"], state["rng"]
+            if best_path.exists():
+                self.best_state = torch.load(best_path, map_location="cpu", weights_only=True)
+            self.log(f"{self.name}: resuming at step {self.step}/{self.total} (epoch {self.step // spec.steps_per_epoch + 1})"
+                     + (" — already finished" if self.finished else ""))
+
+    def train(self) -> None:
+        """Epochs until the last one or an early stop; `elapsed` grows by this call's time."""
+        spec = self.spec
+        self.t_run = time.perf_counter()
+        self._start()
+        try:
+            while not self.finished:
+                epoch = self.step // spec.steps_per_epoch  # 0-based
+                epoch_end = (epoch + 1) * spec.steps_per_epoch
+                while self.step < epoch_end:
+                    self._train_step(epoch_end)
+
+                # --- end of epoch: validate (rank 0), decide, checkpoint
+                self._end_epoch(epoch)
+        finally:
+            if self.progress is not None:
+                self.progress.stop()
+            if self.writer is not None:
+                self.writer.close()
+        self.elapsed += time.perf_counter() - self.t_run
+
+    def _start(self) -> None:
+        """Scenes, the pair sampler (its RNG restored on resume), validation pairs, the DDP
+        wrapper, train mode, the progress bar and the TensorBoard writer."""
+        spec, model, dev, world, main = self.spec, self.model, self.dev, self.world, self.main
         scenes = training_scenes(spec)
         # Each rank draws its own pairs: the effective batch is world x batch_size.
-        sampler = PairSampler(scenes, window=spec.window, seed=spec.seed + 7919 * rank)
-        if rng_states is not None:
-            _set_rng_state(rng_states[rank], sampler, dev)
-        val = validation_examples(spec) if main else []
-        wrapped: nn.Module = model
+        self.sampler = PairSampler(scenes, window=spec.window, seed=spec.seed + 7919 * self.rank)
+        if self.rng_states is not None:
+            _set_rng_state(self.rng_states[self.rank], self.sampler, dev)
+        self.val = validation_examples(spec) if main else []
+        self.wrapped: nn.Module = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # find_unused_parameters: DUSt3R's mask_token (training-only) never gets a gradient.
-            wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
+            self.wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True)
         model.train()
-        extras.train()
-        progress = _progress(show_progress and main, name, total)
+        self.extras.train()
+        self.progress = _progress(self.show_progress and main, self.name, self.total)
+        if self.progress is not None:
+            self.progress.update(self.progress.task_ids[0], completed=self.step)
+        self.writer = _tensorboard(self.out_dir) if main else None
+
+    def _checkpoint(self, epoch_done: bool) -> None:
+        rngs = _gather(_rng_state(self.sampler, self.dev), self.world)
+        if not self.main:
+            return
+        _atomic_save({
+            "spec": _spec_key(self.spec), "world_size": self.world, "model": self.model.state_dict(),
+            "extra": self.extras.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+            "history": self.history, "elapsed_s": self.elapsed + time.perf_counter() - self.t_run,
+            "skipped_steps": self.skipped, "best_key": self.best_key, "best_epoch": self.best_epoch,
+            "best_val": self.best_val, "bad_epochs": self.bad_epochs, "stopped": self.stopped, "finished": self.finished,
+            "epoch_sums": {} if epoch_done else self.epoch_sums, "rng": rngs,
+        }, self.last_path)
+
+    def _train_step(self, epoch_end: int) -> None:
+        """One optimizer step (skipped on a non-finite gradient norm), its logs, and a
+        mid-epoch last.pth every `checkpoint_every` steps."""
+        spec, opt, world, progress, writer = self.spec, self.opt, self.world, self.progress, self.writer
+        lr = warmup_cosine(self.step, self.total, self.warmup, spec.lr, spec.lr * spec.lr_min_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        view1, view2, gt = (_to(d, self.dev) for d in self.sampler.batch(spec.batch_size))
+        loss, logs = self.loss_fn(self.wrapped, view1, view2, gt, self.step / self.total)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            # DDP averages the model's gradients; extra modules are averaged here.
+            for p in self.extra_params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        norm = torch.nn.utils.clip_grad_norm_(self.params, spec.grad_clip)
+        if torch.isfinite(norm):
+            opt.step()
+        else:  # identical on every rank (gradients are already averaged)
+            self.skipped += 1
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        step, epoch_sums = self.step, self.epoch_sums
+        logs = {**logs, "lr": lr}
+        for k, v in logs.items():
+            epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
+        epoch_sums["_n"] = epoch_sums.get("_n", 0.0) + 1
         if progress is not None:
-            progress.update(progress.task_ids[0], completed=step)
-        writer = _tensorboard(out_dir) if main else None
+            progress.update(progress.task_ids[0], completed=step, info=_short({k: v for k, v in logs.items() if k != "lr"}))
+        if writer is not None:
+            for k, v in logs.items():
+                writer.add_scalar(f"train/{k}", v, step)
+        if self.on_step is not None:
+            self.on_step(step, logs)
+        if step % spec.checkpoint_every == 0 and step < epoch_end:
+            self._checkpoint(epoch_done=False)
 
-        def checkpoint(epoch_done: bool) -> None:
-            rngs = _gather(_rng_state(sampler, dev), world)
-            if not main:
-                return
-            _atomic_save({
-                "spec": _spec_key(spec), "world_size": world, "model": model.state_dict(), "extra": extras.state_dict(),
-                "optimizer": opt.state_dict(), "step": step, "history": history,
-                "elapsed_s": elapsed + time.perf_counter() - t_run, "skipped_steps": skipped,
-                "best_key": best_key, "best_epoch": best_epoch, "best_val": best_val, "bad_epochs": bad_epochs,
-                "stopped": stopped, "finished": finished, "epoch_sums": {} if epoch_done else epoch_sums, "rng": rngs,
-            }, last_path)
+    def _end_epoch(self, epoch: int) -> None:
+        """Validate (rank 0, verdict broadcast), keep the best, decide on stopping, log, and
+        write last.pth and the JSON log."""
+        spec, model, name, main, step = self.spec, self.model, self.name, self.main, self.step
+        metrics = _validate(model, self.val, self.dev) if main else None
+        metrics = _broadcast(metrics, self.world)
+        key = metrics["absrel"] if math.isfinite(metrics["absrel"]) else math.inf
+        improved = self.best_key is None or key < self.best_key
+        n = max(1.0, self.epoch_sums.pop("_n", 1.0))
+        entry = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v / n for k, v in self.epoch_sums.items()},
+                 **{f"val_{k}": v for k, v in metrics.items()}, "best": improved,
+                 "elapsed_s": round(self.elapsed + time.perf_counter() - self.t_run, 1)}
+        self.history.append(entry)
+        self.epoch_sums = {}
+        if improved:
+            self.best_key, self.best_epoch, self.best_val, self.bad_epochs = key, epoch + 1, dict(metrics), 0
+            self.best_state = {"model": _cpu_state(model), "extra": _cpu_state(self.extras), "epoch": epoch + 1, "val": dict(metrics)}
+            if main:
+                _atomic_save(self.best_state, self.best_path)
+        else:
+            self.bad_epochs += 1
+        stopped = self.stopped = spec.patience is not None and self.bad_epochs >= spec.patience and epoch + 1 < spec.epochs
+        self.finished = stopped or epoch + 1 >= spec.epochs
+        self.log(f"{name}: epoch {epoch + 1}/{spec.epochs} train {_short({k[6:]: v for k, v in entry.items() if k.startswith('train_') and k != 'train_lr'})}"
+                 f" | val absrel {metrics['absrel']:.4f} δ1 {metrics['delta1']:.4f}" + (" (best)" if improved else "")
+                 + (f" — early stop (no better val absrel for {self.bad_epochs} epochs)" if stopped else ""))
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, step)
+        self._checkpoint(epoch_done=True)
+        if main:
+            _write_log(self.log_path, name, spec, self.world, self.history, self.best_epoch, self.best_val, stopped,
+                       self.finished, self.elapsed + time.perf_counter() - self.t_run, self.skipped, step)
 
-        try:
-            while not finished:
-                epoch = step // spec.steps_per_epoch  # 0-based
-                epoch_end = (epoch + 1) * spec.steps_per_epoch
-                while step < epoch_end:
-                    lr = warmup_cosine(step, total, warmup, spec.lr, spec.lr * spec.lr_min_ratio)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    view1, view2, gt = (_to(d, dev) for d in sampler.batch(spec.batch_size))
-                    loss, logs = loss_fn(wrapped, view1, view2, gt, step / total)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if world > 1:
-                        # DDP averages the model's gradients; extra modules are averaged here.
-                        for p in extra_params:
-                            if p.grad is not None:
-                                dist.all_reduce(p.grad)
-                                p.grad /= world
-                    norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-                    if torch.isfinite(norm):
-                        opt.step()
-                    else:  # identical on every rank (gradients are already averaged)
-                        skipped += 1
-                        opt.zero_grad(set_to_none=True)
-                    step += 1
-                    logs = {**logs, "lr": lr}
-                    for k, v in logs.items():
-                        epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v)
-                    epoch_sums["_n"] = epoch_sums.get("_n", 0.0) + 1
-                    if progress is not None:
-                        progress.update(progress.task_ids[0], completed=step, info=_short({k: v for k, v in logs.items() if k != "lr"}))
-                    if writer is not None:
-                        for k, v in logs.items():
-                            writer.add_scalar(f"train/{k}", v, step)
-                    if on_step is not None:
-                        on_step(step, logs)
-                    if step % spec.checkpoint_every == 0 and step < epoch_end:
-                        checkpoint(epoch_done=False)
-
-                # --- end of epoch: validate (rank 0), decide, checkpoint
-                metrics = _validate(model, val, dev) if main else None
-                metrics = _broadcast(metrics, world)
-                key = metrics["absrel"] if math.isfinite(metrics["absrel"]) else math.inf
-                improved = best_key is None or key < best_key
-                n = max(1.0, epoch_sums.pop("_n", 1.0))
-                entry = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v / n for k, v in epoch_sums.items()},
-                         **{f"val_{k}": v for k, v in metrics.items()}, "best": improved,
-                         "elapsed_s": round(elapsed + time.perf_counter() - t_run, 1)}
-                history.append(entry)
-                epoch_sums = {}
-                if improved:
-                    best_key, best_epoch, best_val, bad_epochs = key, epoch + 1, dict(metrics), 0
-                    best_state = {"model": _cpu_state(model), "extra": _cpu_state(extras), "epoch": epoch + 1, "val": dict(metrics)}
-                    if main:
-                        _atomic_save(best_state, best_path)
-                else:
-                    bad_epochs += 1
-                stopped = spec.patience is not None and bad_epochs >= spec.patience and epoch + 1 < spec.epochs
-                finished = stopped or epoch + 1 >= spec.epochs
-                log(f"{name}: epoch {epoch + 1}/{spec.epochs} train {_short({k[6:]: v for k, v in entry.items() if k.startswith('train_') and k != 'train_lr'})}"
-                    f" | val absrel {metrics['absrel']:.4f} δ1 {metrics['delta1']:.4f}" + (" (best)" if improved else "")
-                    + (f" — early stop (no better val absrel for {bad_epochs} epochs)" if stopped else ""))
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"val/{k}", v, step)
-                checkpoint(epoch_done=True)
-                if main:
-                    _write_log(log_path, name, spec, world, history, best_epoch, best_val, stopped, finished,
-                               elapsed + time.perf_counter() - t_run, skipped, step)
-        finally:
-            if progress is not None:
-                progress.stop()
-            if writer is not None:
-                writer.close()
-        elapsed += time.perf_counter() - t_run
-
-    if best_state is not None:
-        model.load_state_dict(best_state["model"])
-        extras.load_state_dict(best_state["extra"])
-    model.eval()
-    wall = elapsed  # training time proper (scene generation included), summed over resumes
-    if main:
-        _write_log(log_path, name, spec, world, history, best_epoch, best_val, stopped, True, wall, skipped, step)
-    return FitResult(model=model, history=history, best_epoch=best_epoch, stopped_early=stopped, wall_time_s=wall,
-                     log_path=log_path, best_val=best_val, steps_done=step, world_size=world, skipped_steps=skipped)
-
-
-def _write_log(path: Path, name: str, spec: TrainSpec, world: int, history: list, best_epoch: int, best_val: dict,
-               stopped: bool, finished: bool, wall: float, skipped: int, step: int) -> None:
-    payload = {
-        "name": name, "spec": asdict(spec), "world_size": world, "steps_done": step, "total_steps": spec.total_steps,
-        "best_epoch": best_epoch, "best_val": best_val, "stopped_early": stopped, "finished": finished,
-        "wall_time_s": round(wall, 2), "skipped_steps": skipped, "history": history,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    def result(self) -> FitResult:
+        """The best epoch's weights loaded, the final log written (finished), the outcome."""
+        model, extras = self.model, self.extras
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state["model"])
+            extras.load_state_dict(self.best_state["extra"])
+        model.eval()
+        wall = self.elapsed  # training time proper (scene generation included), summed over resumes
+        if self.main:
+            _write_log(self.log_path, self.name, self.spec, self.world, self.history, self.best_epoch, self.best_val,
+                       self.stopped, True, wall, self.skipped, self.step)
+        return FitResult(model=model, history=self.history, best_epoch=self.best_epoch, stopped_early=self.stopped,
+                         wall_time_s=wall, log_path=self.log_path, best_val=self.best_val, steps_done=self.step,
+                         world_size=self.world, skipped_steps=self.skipped)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
