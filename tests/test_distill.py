@@ -168,7 +168,7 @@ def test_beta_schedule_and_spec_validation():
 
 
 def test_grid_config(tmp_path):
-    from pqk.methods.distill_select import parse_runs
+    from pqk.methods.distill.select import parse_runs
 
     grid = load_distill_config("configs/distill.yaml")
     assert [grid.exp_id(n) for n in grid.runs] == ["K_T3B05_run1", "K_T5B05_run1", "K_T3B05_sched_run1", "K_taskonly_run1"]

@@ -247,7 +247,7 @@ def distill_cmd(
     drop <= 1%; a failed gate is recorded, not raised). Runs under torchrun with DDP as well."""
     from pqk.assets import default_checkpoint
     from pqk.methods.distill import load_distill_config
-    from pqk.methods.distill_select import parse_runs, select_best
+    from pqk.methods.distill.select import parse_runs, select_best
     from pqk.pipeline.evaluate import EvalOptions
     from pqk.pipeline.plan import Experiment, PlanStep
     from pqk.pipeline.runner import PlanRunner

@@ -17,7 +17,7 @@ from pqk.methods.base import StepContext, StepResult
 
 def _variants(outcome, label: str, runtimes: tuple[str, ...]) -> dict[str, StepResult]:
     """StepResults of one outcome on each available asked-for runtime, tagged PTQ_ort, QAT_onednn, ..."""
-    from pqk.methods.builtin import _latency_cut
+    from pqk.methods.quantize.method import _latency_cut
 
     out = {}
     for runtime in runtimes:
@@ -55,7 +55,7 @@ def quantize_run(model: torch.nn.Module, ctx: StepContext, spec) -> StepResult:
         variants.update(_variants(outcome, "QAT", spec.runtimes))
     outcome.details["qat_decision"] = {"mode": spec.qat, "max_drop": max_drop, **(decision or {})}
     result = outcome.step_result(fastest_runtime(outcome, spec.runtimes))
-    from pqk.methods.builtin import _latency_cut
+    from pqk.methods.quantize.method import _latency_cut
 
     result.latency_cut = _latency_cut(outcome.details, result.backend)
     qat_checkpoint = outcome.details.get("qat", {}).get("checkpoint")
