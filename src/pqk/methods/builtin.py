@@ -1,6 +1,6 @@
 """The built-in methods: importing each method module registers it (K, P, Q, joint PQK)."""
 
 from pqk.methods.distill import method as _distill  # noqa: F401
-from pqk.methods import prune_method as _prune  # noqa: F401
+from pqk.methods.prune import method as _prune  # noqa: F401
 from pqk.methods.quantize import method as _quantize  # noqa: F401
 from pqk.methods.joint import method as _joint  # noqa: F401

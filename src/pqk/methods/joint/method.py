@@ -14,7 +14,7 @@ from pqk.measure.probe import CostModel, Costing, Item
 from pqk.methods.base import Method, StepContext, StepResult, register
 
 from pqk.methods.distill.method import distill_cost
-from pqk.methods.prune_method import pruned_copy
+from pqk.methods.prune.method import pruned_copy
 from pqk.methods.quantize.method import _latency_cut, _runtimes, quantize_cost, restore_quantized
 
 
