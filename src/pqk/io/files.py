@@ -55,3 +55,16 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return repr(value)
+
+
+def resolve_path(path_like: str | Path, base: Path) -> Path | None:
+    """A path as written in a plan: absolute, relative to the working folder (the README's
+    examples run from the repository root), or relative to the plan's folder or any folder
+    above it (a plan copied into runs/<plan>/ still finds configs/). None when not found."""
+    path = Path(path_like)
+    if path.is_absolute():
+        return path if path.exists() else None
+    for root in (Path.cwd(), base, *base.parents):
+        if (root / path).exists():
+            return root / path
+    return None

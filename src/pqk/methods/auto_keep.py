@@ -28,7 +28,7 @@ from torch import nn
 
 from pqk.backends.torch_int8 import int8_model_from_qdq, qdq_linear_params
 from pqk.measure.latency import interleaved_latency
-from pqk.pipeline.gates import quality_drop
+from pqk.measure.quality import quality_drop
 
 
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:

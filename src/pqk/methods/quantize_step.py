@@ -267,7 +267,7 @@ def qat_after_ptq(
 def heldout_delta1_drop(float_model: torch.nn.Module, int8_model: torch.nn.Module, ctx: StepContext, n_pairs: int = 8) -> dict:
     """δ1 of the FP32 and INT8 models on held-out generated pairs at the workload's shape (never
     the workload's pairs): what `--qat auto` decides on inside a plan, before `evaluate` runs."""
-    from pqk.pipeline.gates import quality_drop
+    from pqk.measure.quality import quality_drop
     from pqk.train.teacher import validate
 
     examples = heldout_examples(ctx, n_pairs)

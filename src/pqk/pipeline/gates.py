@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pqk.errors import ConfigError
-from pqk.measure.quality import relative_drop
+from pqk.measure.quality import quality_drop  # noqa: F401 (gates' convention, re-exported)
 from pqk.pipeline.record import Record, nan_fields
 
 if TYPE_CHECKING:
@@ -68,12 +68,6 @@ class GateVerdict:
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "verdict": self.verdict, "reasons": self.reasons, "figures": self.figures}
-
-
-def quality_drop(new: float, ref: float, metric: str, task: Task | None = None) -> float:
-    """Relative drop of `metric` (positive = worse than the reference), in the direction the
-    family's adapter gives it."""
-    return relative_drop(new, ref, _task(task).direction(metric))
 
 
 def _cut(new: float | None, ref: float | None) -> float | None:

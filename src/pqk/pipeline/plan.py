@@ -29,6 +29,7 @@ from typing import Any
 
 from pqk.errors import ConfigError, InputError
 from pqk.methods.base import get_method, method_names
+from pqk.io.files import resolve_path  # noqa: F401 (re-exported)
 from pqk.yaml_io import read_yaml
 
 ABLATIONS = ("keep", "calib", "loss")  # P5: ABL-1 keep-list, ABL-2 calibration size, ABL-3 loss terms
@@ -185,19 +186,6 @@ class Plan:
                     get_method(step.method).check(step.spec(), step.options)
                 except (ConfigError, InputError) as exc:
                     raise type(exc)(f"plan {self.path}: {exp.id}.steps[{k}] ({step.method}): {exc}") from None
-
-
-def resolve_path(path_like: str | Path, base: Path) -> Path | None:
-    """A path as written in a plan: absolute, relative to the working folder (the README's
-    examples run from the repository root), or relative to the plan's folder or any folder
-    above it (a plan copied into runs/<plan>/ still finds configs/). None when not found."""
-    path = Path(path_like)
-    if path.is_absolute():
-        return path if path.exists() else None
-    for root in (Path.cwd(), base, *base.parents):
-        if (root / path).exists():
-            return root / path
-    return None
 
 
 def estimate_range(value: Any) -> tuple[float, float] | None:

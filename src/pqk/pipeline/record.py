@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from pqk.naming import exp_id  # noqa: F401 (re-exported)
 from pqk.io.files import atomic_write_text, ensure_writable_dir, write_json  # noqa: F401 (re-exported)
 
 
@@ -55,12 +56,6 @@ RECORD_FIELDS = [f.name for f in fields(Record)]
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def exp_id(stage: str, combo: str, keyparams: str = "", run: int = 1) -> str:
-    """`{stage}_{combo}_{keyparams}_{run}`, e.g. K_T3B05_sched_run1; empty parts are dropped."""
-    parts = [p for p in (stage, combo, keyparams) if p]
-    return "_".join(parts + [f"run{run}"])
 
 
 def nan_fields(record: Record) -> list[str]:

@@ -105,7 +105,7 @@ class DistillGrid:
     embedded_budget: float = 0.1
 
     def exp_id(self, run: str, number: int = 1) -> str:
-        from pqk.pipeline.record import exp_id
+        from pqk.naming import exp_id
 
         return exp_id("K", "", self.runs[run].keyparams(), number)
 

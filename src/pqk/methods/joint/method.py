@@ -73,14 +73,14 @@ def joint_cost(costing: Costing, step, model: CostModel, where: str) -> tuple[li
     """One distillation run's training (masks and fake quantization cost nothing extra per
     step) + calibration twice (at fake-quant onset and at export) + the FP32 reference's
     evaluation; the model that leaves is the student pruned by rho."""
-    from pqk.pipeline.plan import PlanStep, resolve_path
+    from pqk.io.files import resolve_path
 
     cfg = costing.config(step)
     anchor = (step.config or Path(step.config_name)).resolve().parent
 
-    def sub(method: str, key: str, default: str, options: dict) -> PlanStep:
+    def sub(method: str, key: str, default: str, options: dict):
         name = str((cfg.get(key) or {}).get("config", default))
-        return PlanStep(method, resolve_path(name, anchor), options, name)
+        return replace(step, method=method, config=resolve_path(name, anchor), options=options, config_name=name)
 
     run = step.options.get("run", (cfg.get("distill") or {}).get("run", "K-1"))
     items, student = distill_cost(costing, sub("distill", "distill", "distill.yaml", {"run": run}), model, where)

@@ -46,7 +46,7 @@ def masked(model: nn.Module, removals: Mapping[str, Sequence[int]], units: Mappi
 def relative_drop(new: float, ref: float, metric: str) -> float:
     """Positive = worse than the reference; the gates' definition, with 'loss' lower-is-better."""
     if metric != "loss":
-        from pqk.pipeline.gates import quality_drop
+        from pqk.measure.quality import quality_drop
 
         return quality_drop(new, ref, metric)
     if ref == 0:
