@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pqk.backends.torch_int8 import int8_model_from_qdq, onednn_int8_available
+from pqk.measure.machine import isa_label
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.methods.quantize_step import side_by_side_latency
 from pqk.models.dust3r import build_model, count_parameters, load_checkpoint
@@ -39,16 +39,6 @@ FULL_SIZE_512_DPT = dict(
     enc_embed_dim=1024, enc_depth=24, enc_num_heads=16, dec_embed_dim=768, dec_depth=12, dec_num_heads=12,
     landscape_only=False,
 )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace, work: Path) -> dict:
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(42)
     models = {p.stem: load_checkpoint(p) for p in args.model} if args.model else {"dust3r_512_dpt_full_size": build_model(**FULL_SIZE_512_DPT)}
-    report = {"machine": f"{_cpu_name()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    report = {"machine": f"{isa_label()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
               "shape": f"{args.width}x{args.height}", "models": {}}
     with tempfile.TemporaryDirectory(prefix="pqk-bench-") as tmp:
         for name, model in models.items():

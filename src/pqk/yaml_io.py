@@ -16,7 +16,9 @@ def read_yaml(path: Path, what: str, hint: str = "", invalid: type[PqkError] = I
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist" + (f"; {hint}" if hint else ""))
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not a text file (not UTF-8); give the YAML file" + (f" ({hint})" if hint else "")) from None
     except yaml.YAMLError as exc:
         raise invalid(f"{what} {path} is not valid YAML ({str(exc).strip().splitlines()[0]})") from None
 

@@ -104,9 +104,16 @@ def _expm1_registered(opset: int) -> Iterator[None]:
         torch.onnx.unregister_custom_op_symbolic("aten::expm1", opset)
 
 
+# DUSt3R is trained at 512 px; a side of 4096 px is already 65,536 tokens per view, whose attention
+# maps alone exceed this project's machines. Larger sizes are refused before any tracing.
+MAX_SIDE = 4096
+
+
 def _check_size(name: str, value: Any, patch: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % patch:
         raise InputError(f"{name} must be a positive multiple of the patch size {patch}; got {value!r}")
+    if value > MAX_SIDE:
+        raise InputError(f"{name} {value} is above the {MAX_SIDE} px pqk exports (DUSt3R works at 512)")
     return int(value)
 
 

@@ -4,6 +4,7 @@ model loading, staged output folders."""
 from __future__ import annotations
 
 import os
+import shutil
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -108,10 +109,37 @@ def _staging_dir(out_dir: Path) -> Path:
     return staging
 
 
+def _check_out_file(out_file: Path, option: str = "--out") -> None:
+    """A file to write: not a folder, its folder creatable and writable (checked before any work)."""
+    if out_file.is_dir():
+        raise InputError(f"{option} {out_file} is a folder; give a file name")
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{option} {out_file} cannot be written ({exc.strerror})") from None
+    if not os.access(out_file.parent, os.W_OK) or (out_file.exists() and not os.access(out_file, os.W_OK)):
+        raise InputError(f"{option} {out_file} cannot be written (permission denied)")
+
+
+def _refuse_results(out_dir: Path, overwrite: bool) -> None:
+    """A --out that already holds files is another run's results: refused unless --overwrite
+    (which replaces the folder whole when the new results are complete, never mixes them)."""
+    if out_dir.is_dir() and not overwrite:
+        held = sorted(p.name for p in out_dir.iterdir())
+        if held:
+            raise InputError(f"--out {out_dir} already holds {len(held)} file(s) (e.g. {held[0]}); pass --overwrite to "
+                             "replace them, or choose another --out")
+
+
 def _publish(staging: Path, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in sorted(staging.iterdir()):
-        os.replace(item, out_dir / item.name)
-    staging.rmdir()
+    """Put the finished `staging` folder in place of `out_dir`, whole: an earlier folder is
+    moved aside first and removed only once the new one stands."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    old = staging.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 

@@ -17,7 +17,9 @@ from pqk.cli.common import (
     Device,
     Size,
     _load_model,
+    _check_out_file,
     _publish,
+    _refuse_results,
     _resolve_device,
     _staging_dir,
     app,
@@ -60,6 +62,7 @@ def infer(
     min_conf: float = typer.Option(3.0, "--min-conf", min=1.0, help="Keep points whose confidence is above this in the .ply (DUSt3R's demo uses 3)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Pairs per forward pass (pairs of different shapes never share one)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where the network runs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results already in --out (whole, once the new ones are complete)."),
 ) -> None:
     """Run DUSt3R on image pairs: per-pair pointmaps and confidences (.npz) and coloured point clouds (.ply)."""
     from pqk.data.images import load_images, motorcycle_pair
@@ -67,6 +70,7 @@ def infer(
 
     if demo_pair and images:
         raise InputError("give either images or --demo-pair, not both")
+    _refuse_results(out_dir, overwrite)
     if demo_pair:
         sources: object = motorcycle_pair()
         names = ["motorcycle_left", "motorcycle_right"]
@@ -179,14 +183,9 @@ def export_onnx_cmd(
 
     if out_file.suffix != ".onnx":
         raise InputError(f"--out {out_file} must end in .onnx")
-    if out_file.exists() and out_file.is_dir():
-        raise InputError(f"--out {out_file} is a folder; give a .onnx file name")
+    _check_out_file(out_file)
     model, ckpt_path = _load_model(checkpoint, "cpu")
     start = time.perf_counter()
-    try:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out {out_file} cannot be written ({exc.strerror})") from None
     path = export_onnx(model, out_file, height, width, height2=height2, width2=width2, opset=opset)
     out.print(f"exported {ckpt_path} -> {path} ({path.stat().st_size / 2**20:.1f} MB, opset {opset}) in {time.perf_counter() - start:.1f}s")
     if check:
@@ -229,6 +228,7 @@ def workload_make(
 
     if data is not None and not data.is_dir():
         raise InputError(f"--data {data} is not a folder")
+    _check_out_file(out_file)
     workload = make_workload(data=data, n_pairs=pairs, n_scenes=scenes, scene_level=scene_level, seed=seed)
     save_workload(workload, out_file)
     out.print(f"workload -> {out_file}: {len(workload.pairs)} pairs, scene level {workload.scene_level}, "
@@ -287,9 +287,10 @@ def eval_cmd(
     (absrel, rmse, delta1, chamfer), efficiency (p50/p95 pair latency, pairs/s, scene time), resources
     (params, FLOPs, size, memory) and cost. Writes the record JSON and a row of result_table.csv."""
     from pqk.pipeline.evaluate import EvalOptions, evaluate
-    from pqk.pipeline.record import upsert_row, write_json
+    from pqk.pipeline.record import record_file_name, write_record
     from pqk.tasks.dust3r.workload import load_workload
 
+    record_file_name(exp)  # a name that cannot be a file name is refused before any work
     workload = load_workload(workload_file)
     dev = _resolve_device(device)
     onnx_path = None
@@ -314,12 +315,10 @@ def eval_cmd(
             torch_model, workload, device=dev, exp_id=exp, combo=combo, step=subject, data=data, task=task,
             options=EvalOptions(repeats=repeats, rate_usd_per_h=rate), progress=lambda msg: status.update(f"evaluating: {msg}"),
         )
-    name = "teacher_eval.json" if exp.startswith("P0_") else f"{exp}_eval.json"
     payload = evaluation.to_json()
     payload["details"]["model"] = str(artifact)
     payload["details"]["workload_file"] = str(workload_file)
-    json_path = write_json(out_dir / name, payload)
-    csv_path = upsert_row(out_dir / "result_table.csv", evaluation.record)
+    json_path, csv_path = write_record(out_dir, payload, evaluation.record)
     _print_record(evaluation.record, evaluation.details)
     out.print(f"wrote {json_path} and a row of {csv_path}")
 

@@ -28,6 +28,7 @@ def run_cmd(
     budget: Optional[float] = typer.Option(None, "--budget", help="Override the plan's budget (multiplies epochs and calibration sizes); the run goes to <out>/<plan>_budget<b>/."),
     gate_policy: Optional[str] = typer.Option(None, "--gate-policy", help="Override the plan's gate policy: stop (dependents of a failed gate are not run) or record (run them, keep the verdicts)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated experiment ids to run (with the experiments they build on), e.g. PKQ,PQK."),
+    wait: bool = typer.Option(False, "--wait", help="When another pqk run is writing the same run folder, wait for it to finish (default: refuse)."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write <out>/<plan>/report/ at the end (pqk report, with the budget estimate probed on this machine)."),
 ) -> None:
     """Run a plan end to end: every experiment's steps (distill, prune, quantize) with shared steps
@@ -50,6 +51,7 @@ def run_cmd(
     if only is not None:
         plan = plan.select([i.strip() for i in only.split(",") if i.strip()])
     dev = _resolve_device(device)
+    _warn_if_contended()
     start = time.perf_counter()
     with err.status(f"plan {plan.name}") as status:
         def log(msg: str) -> None:
@@ -57,7 +59,7 @@ def run_cmd(
             if not msg.startswith(("  ", "evaluating:")):
                 err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", soft_wrap=True)
 
-        runner = PlanRunner(plan, out_root, device=dev, log=log, eval_options=EvalOptions(repeats=repeats))
+        runner = PlanRunner(plan, out_root, device=dev, log=log, eval_options=EvalOptions(repeats=repeats), wait=wait)
         statuses = runner.run()
     from rich.table import Table
 
@@ -83,6 +85,18 @@ def run_cmd(
 
 
 # --- pqk budget / pqk report ------------------------------------------------------------------
+
+
+def _warn_if_contended() -> None:
+    """Other processes busy on the cores make every latency figure of the run a measure of the
+    load: say so before hours are spent (latency gates will read "inconclusive")."""
+    from pqk.measure.machine import Contention
+
+    with Contention() as probe:
+        time.sleep(0.5)
+    if probe.contended:
+        err.print(f"[bold yellow]warning:[/] other processes are using {probe.others_share:.0%} of this machine's cores: "
+                  "latency figures will be marked contended and latency gates inconclusive; quality is unaffected")
 
 
 @app.command(
@@ -155,7 +169,7 @@ def report_cmd(
                               gpu=gpu, rate=rate, budget=budget, log=lambda msg: status.update(msg))
     verdicts = [g.verdict for g in report.gates]
     out.print(f"{len(verdicts)} gate rows: {verdicts.count('pass')} pass, {verdicts.count('stop')} stop, "
-              f"{verdicts.count('stopped (not run)')} not run; "
+              f"{verdicts.count('inconclusive')} inconclusive, {verdicts.count('stopped (not run)')} not run; "
               f"Pareto front ({report.pareto['metric']}): {', '.join(report.pareto['front']) or '—'}")
     for note in report.notes:
         out.print(f"note: {note}")

@@ -60,6 +60,7 @@ class StepResult:
     # p50 reduction against the entering model's eager FP32, timed side by side in one process
     # (a quantizing step measures it): the latency gate reads this instead of two records' p50s.
     latency_cut: float | None = None
+    latency_contended: bool = False  # that timing ran while other processes took the cores: not a verdict
     # Other results the step produced that a command may measure too, by exp_id tag (e.g.
     # "PTQ_onednn", "QAT_ort": every runtime of PTQ and of QAT); the result itself is the primary.
     variants: dict[str, "StepResult"] = field(default_factory=dict)
@@ -130,7 +131,8 @@ def restore_common(done: Mapping[str, Any]) -> dict:
     """The StepResult fields every method's saved summary holds (for `Method.restore`)."""
     return dict(artifact=Path(done["artifact"]), fields=done["fields"], device_hours=done["device_hours"],
                 notes=list(done["notes"]), details=done["details"], runtime=done.get("runtime"),
-                latency_cut=done.get("latency_cut"), eval_details=done.get("eval_details") or {})
+                latency_cut=done.get("latency_cut"), latency_contended=bool(done.get("latency_contended")),
+                eval_details=done.get("eval_details") or {})
 
 
 def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -114,8 +114,12 @@ def side_by_side_latency(
                 int8_model(view1, view2)
 
         calls["torch oneDNN int8 + bf16 attention"] = onednn
-    result = interleaved_latency(calls, rounds=rounds, reference="torch eager fp32")
-    result.update(threads=torch.get_num_threads(), shape=[height, width])
+    from pqk.measure.machine import Contention, machine_info
+
+    with Contention() as contention:
+        result = interleaved_latency(calls, rounds=rounds, reference="torch eager fp32")
+    result.update(threads=torch.get_num_threads(), shape=[height, width], contention=contention.to_json(),
+                  machine=machine_info())
     return result
 
 

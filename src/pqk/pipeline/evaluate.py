@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pqk.measure.machine import Contention, machine_info
 from pqk.measure.resources import artifact_megabytes, cuda_peak_gigabytes, peak_rss_megabytes
 from pqk.pipeline.record import nan_fields, now_iso
 
@@ -91,9 +92,10 @@ def evaluate(
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     data = data if data is not None else task.load_data(workload)
-    measured = task.measure(step.model, workload, data, backend=step.backend, device=device, onnx_path=step.onnx_path,
-                            runtime=step.runtime, warmup=options.warmup, repeats=options.repeats, threads=options.threads,
-                            say=say)
+    with Contention() as contention:  # quality is not affected by a shared machine; latency is
+        measured = task.measure(step.model, workload, data, backend=step.backend, device=device, onnx_path=step.onnx_path,
+                                runtime=step.runtime, warmup=options.warmup, repeats=options.repeats, threads=options.threads,
+                                say=say)
     say("resources")
     counted = step.count_model if step.count_model is not None else step.model
     resources = _resources(task, counted, measured.example, None if step.artifact is None else Path(step.artifact), device)
@@ -101,6 +103,9 @@ def evaluate(
     device_hours = step.device_hours + eval_hours
     vram = cuda_peak_gigabytes(device)
     notes = list(measured.notes)
+    if contention.contended:
+        notes.append(f"contended: other processes took {contention.others_share:.0%} of the cores while this was timed; "
+                     "latency not trustworthy")
     if vram is None:
         notes.append("CPU run: vram_GB empty, peak RSS in details")
     record = _record(task, exp_id, combo, step.fields, resources, vram, measured, device_hours, notes)
@@ -117,6 +122,8 @@ def evaluate(
                  "usd": device_hours * options.rate_usd_per_h,
                  "device_kind": "cuda" if device.startswith("cuda") else "cpu"},
         "nan_fields": bad,
+        "machine": machine_info(),
+        "contention": contention.to_json(),
     }
     return Evaluation(record, details)
 

@@ -55,19 +55,25 @@ class GateVerdict:
     passed: bool
     reasons: list[str] = field(default_factory=list)  # why it stopped (empty when passed)
     figures: dict = field(default_factory=dict)  # the measured drops and cuts
+    # What could not be judged (a latency timed while other processes took the cores): with no
+    # reason to stop, the verdict is "inconclusive", never a pass or a stop the load decided.
+    undecided: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
-        return "pass" if self.passed else "stop"
+        if self.reasons:
+            return "stop"
+        return "inconclusive" if self.undecided else "pass"
 
     def note(self) -> str:
         """One line for the record's notes."""
-        if self.passed:
+        if self.verdict == "pass":
             return f"gate {self.stage}: pass"
-        return f"gate {self.stage}: stop ({'; '.join(self.reasons)})"
+        return f"gate {self.stage}: {self.verdict} ({'; '.join(self.reasons or self.undecided)})"
 
     def to_json(self) -> dict:
-        return {"stage": self.stage, "verdict": self.verdict, "reasons": self.reasons, "figures": self.figures}
+        return {"stage": self.stage, "verdict": self.verdict, "reasons": self.reasons, "figures": self.figures,
+                "undecided": self.undecided}
 
 
 def _cut(new: float | None, ref: float | None) -> float | None:
@@ -78,13 +84,15 @@ def _cut(new: float | None, ref: float | None) -> float | None:
 
 def check_gate(
     stage: str, record: Record, reference: Record, metric: str | None = None, rule: GateRule | None = None,
-    latency_cut: float | None = None, task: Task | None = None,
+    latency_cut: float | None = None, task: Task | None = None, latency_contended: bool = False,
 ) -> GateVerdict:
     """The verdict of `stage`'s gate for `record` against `reference` (records of `task`'s
     family; `metric`: default its main metric).
 
     `latency_cut`, when given, is the p50 reduction measured side by side in one process
-    (`interleaved_latency`) and replaces the ratio of the two records' separately timed p50s."""
+    (`interleaved_latency`) and replaces the ratio of the two records' separately timed p50s;
+    `latency_contended`: that timing ran on a contended machine, so the latency criterion is
+    not judged (the verdict is "inconclusive" unless another criterion stops it)."""
     task = _task(task)
     metric = metric or task.main_metric
     if rule is None:
@@ -106,12 +114,17 @@ def check_gate(
         figures.update(quality_drop=drop, max_quality_drop=rule.max_quality_drop, value=new, reference=ref)
         if drop > rule.max_quality_drop:
             reasons.append(f"{metric} {new:.4f} vs {ref:.4f}: drop {drop:.1%} > {rule.max_quality_drop:.0%}")
+    undecided: list[str] = []
     if rule.min_latency_cut is not None:
         p50 = task.latency_fields["p50_ms"]
         cut = latency_cut if latency_cut is not None else _cut(getattr(record, p50), getattr(reference, p50))
         figures.update(latency_cut=cut, min_latency_cut=rule.min_latency_cut,
-                       latency_source="side by side" if latency_cut is not None else "records")
-        if cut is None or cut < rule.min_latency_cut:
+                       latency_source="side by side" if latency_cut is not None else "records",
+                       latency_contended=latency_contended)
+        if latency_contended:
+            undecided.append(f"{p50.removesuffix('_p50_ms')} p50 timed while other processes used the cores: "
+                             "rerun on a quiet machine")
+        elif cut is None or cut < rule.min_latency_cut:
             shown = "not measured" if cut is None else f"{cut:.0%}"
             reasons.append(f"{p50.removesuffix('_p50_ms')} p50 down {shown} < {rule.min_latency_cut:.0%}")
     if rule.min_size_cut is not None:
@@ -122,7 +135,7 @@ def check_gate(
         if best is None or best < rule.min_size_cut:
             shown = "not measured" if best is None else f"{best:.0%}"
             reasons.append(f"params/size down {shown} < {rule.min_size_cut:.0%}")
-    return GateVerdict(stage, not reasons, reasons, figures)
+    return GateVerdict(stage, not reasons and not undecided, reasons, figures, undecided)
 
 
 def record_from_row(row: dict, record_type: type = Record):

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from pqk.errors import InputError
 from pqk.naming import exp_id  # noqa: F401 (re-exported)
 from pqk.io.files import atomic_write_text, ensure_writable_dir, write_json  # noqa: F401 (re-exported)
 
@@ -79,8 +80,13 @@ def read_table(path: Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a text file (not UTF-8): not a result_table.csv pqk wrote") from None
+    except csv.Error as exc:
+        raise InputError(f"{path} is not a readable CSV table ({exc})") from None
 
 
 def upsert_row(path: Path, record: Record) -> Path:
@@ -99,3 +105,34 @@ def upsert_row(path: Path, record: Record) -> Path:
         writer.writerows(rows)
         atomic_write_text(path, buffer.getvalue())
     return path
+
+
+def record_file_name(name: str) -> str:
+    """The eval JSON of the record `name` (an exp_id): teacher_eval.json for the protocol's P0
+    teacher, else <exp_id>_eval.json (one file per exp_id, which must be a safe file name)."""
+    from pqk.io.files import safe_name
+
+    safe_name(name, "exp_id")
+    return "teacher_eval.json" if name == "P0_teacher_run1" else f"{name}_eval.json"
+
+
+def write_record(folder: Path, payload: dict, record) -> tuple[Path, Path]:
+    """A record's eval JSON and its result_table.csv row as one unit: the JSON is staged, the
+    row upserted, then the JSON renamed into place, so a failure (a full disk) leaves neither
+    a record without its row nor a temporary file."""
+    from pqk.io.files import inside, json_text, stage_text, write_failure
+
+    folder = Path(folder)
+    ensure_writable_dir(folder)
+    json_path = inside(folder, record_file_name(record.exp_id))
+    tmp = stage_text(json_path, json_text(payload))
+    try:
+        csv_path = upsert_row(folder / "result_table.csv", record)
+        tmp.replace(json_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(json_path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return json_path, csv_path

@@ -35,12 +35,12 @@ from typing import Any, Callable
 
 import torch
 
-from pqk.io.files import atomic_write_text, ensure_writable_dir, json_safe, write_json
+from pqk.io.files import atomic_write_text, ensure_writable_dir, json_safe, remove_leftovers, run_lock, write_json
 from pqk.methods.base import StepContext, StepResult, get_method, trainable_copy
 from pqk.pipeline.evaluate import EvalOptions, Evaluation, evaluate
 from pqk.pipeline.gates import GateVerdict, check_gate, record_from_row
 from pqk.pipeline.plan import Experiment, Plan, PlanStep
-from pqk.pipeline.record import exp_id as make_exp_id, now_iso, upsert_row
+from pqk.pipeline.record import exp_id as make_exp_id, now_iso, record_file_name, write_record
 
 DONE = "done.json"
 LOG = "execution_log.jsonl"
@@ -111,21 +111,23 @@ def _done_summary(result: StepResult) -> dict:
     return {"artifact": str(result.artifact), "fields": result.fields, "device_hours": result.device_hours,
             "backend": result.backend, "onnx_path": None if result.onnx_path is None else str(result.onnx_path),
             "runtime": result.runtime, "notes": result.notes, "details": json_safe(result.details),
-            "latency_cut": result.latency_cut, "float_model": None if result.float_model is None else str(result.float_model),
+            "latency_cut": result.latency_cut, "latency_contended": result.latency_contended, "float_model": None if result.float_model is None else str(result.float_model),
             "eval_details": json_safe(result.eval_details)}
 
 
 class PlanRunner:
     """Runs a plan into runs/<plan name> (see the module docstring).
 
-    `run_dir` replaces runs/<plan name> (a command's --out); `measure_variants` also measures
+    `run_dir` replaces runs/<plan name> (a command's --out); the folder is locked while the run
+    writes it (a second run on it is refused, or waits with `wait`); `measure_variants` also measures
     every variant a step produced (`pqk quantize`: each runtime of PTQ and QAT); `rank` > 0 (a
     non-main process under torchrun) runs the steps and writes nothing else."""
 
     def __init__(self, plan: Plan, out_root: Path = Path("runs"), device: str = "cpu",
                  log: Callable[[str], None] = print, eval_options: EvalOptions | None = None, *,
                  run_dir: Path | None = None, resume: bool = True, measure_variants: bool = False, rank: int = 0,
-                 progress: Callable[[str], None] | None = None, teacher: torch.nn.Module | None = None):
+                 progress: Callable[[str], None] | None = None, teacher: torch.nn.Module | None = None,
+                 wait: bool = False):
         from pqk.tasks import get_task
 
         self.plan = plan
@@ -139,6 +141,7 @@ class PlanRunner:
         self.measure_variants = measure_variants
         self.rank = rank
         self._given_teacher = teacher
+        self.wait = wait  # a run already writing the folder: wait for it (else a one-line error)
         self.records: dict[str, Any] = {}
         self.baseline = None
 
@@ -155,8 +158,6 @@ class PlanRunner:
             self.teacher = self.task.load_model(self.teacher_path, self.device).eval()
         if self.rank == 0:
             ensure_writable_dir(self.run_dir)
-            if self.plan.path is not None and Path(self.plan.path).is_file():
-                self._copy_plan()
         self.base_key = hashlib.sha256(json.dumps({
             "teacher": file_sha256(self.teacher_path), "data": self.task.data_hash(self.workload),
             "budget": self.plan.budget, "seed": 42,
@@ -226,6 +227,8 @@ class PlanRunner:
                 result = self._restore(method, json.loads(done_file.read_text()), model)
             else:
                 self.log(f"{exp.id}: step {k + 1}/{len(exp.steps)} {step.describe()}")
+                if self.rank == 0 and remove_leftovers(folder):  # a step killed before: its temporary files go
+                    self.log(f"{exp.id}: removed temporary files a stopped run left in {folder}")
                 start = time.perf_counter()
                 result = method.run(trainable_copy(model), self._ctx(folder, exp.stage), step.spec())
                 if self.rank == 0:
@@ -242,7 +245,7 @@ class PlanRunner:
 
     # -- measuring ------------------------------------------------------------------------------
     def _eval_name(self, exp_id: str) -> str:
-        return TEACHER_EVAL if exp_id == "P0_teacher_run1" else f"{exp_id}_eval.json"
+        return record_file_name(exp_id)
 
     def _cached(self, exp_id: str, key: str) -> tuple[Any, dict] | None:
         """A record measured before under the same steps (`key`), with its eval JSON's details."""
@@ -268,8 +271,10 @@ class PlanRunner:
         verdict = None
         step_notes = list(notes if notes is not None else subject.notes)
         if stage is not None and reference is not None:
+            contended = subject.latency_contended if subject.latency_cut is not None else \
+                bool((evaluation.details.get("contention") or {}).get("contended"))
             verdict = check_gate(stage, record, reference, rule=self.plan.gates.get(stage), latency_cut=subject.latency_cut,
-                                 task=self.task)
+                                 task=self.task, latency_contended=contended)
             step_notes.append(verdict.note())
             evaluation.details["vs_reference"] = _vs_reference(record, reference, self.task)
         record.notes = "; ".join(filter(None, [*step_notes, record.notes]))
@@ -282,8 +287,7 @@ class PlanRunner:
         if extra:
             evaluation.details.update(json_safe(extra))
         if self.rank == 0:
-            write_json(self.run_dir / self._eval_name(exp_id), evaluation.to_json())
-            upsert_row(self.run_dir / "result_table.csv", record)
+            write_record(self.run_dir, evaluation.to_json(), record)
         return evaluation, verdict
 
     def _measure_once(self, subject: StepResult, exp_id: str, combo: str, key: str, **kw) -> Measured:
@@ -330,6 +334,14 @@ class PlanRunner:
     # -- experiments ----------------------------------------------------------------------------
     def run(self) -> list[ExperimentStatus]:
         self.prepare()
+        if self.rank != 0:  # non-main processes of a torchrun share the main one's lock
+            return self._run_all()
+        with run_lock(self.run_dir, self.wait):
+            if self.plan.path is not None and Path(self.plan.path).is_file():
+                self._copy_plan()
+            return self._run_all()
+
+    def _run_all(self) -> list[ExperimentStatus]:
         statuses: dict[str, ExperimentStatus] = {}
         start, started = time.perf_counter(), now_iso()
         for exp in self.plan.experiments:
@@ -355,7 +367,7 @@ class PlanRunner:
             st = statuses.get(p.id)
             if st is None:
                 continue
-            if st.verdict == "stop":
+            if st.verdict == "stop":  # "inconclusive" (a contended timing) does not stop what builds on it
                 reasons.append(f"{p.id}: gate stop ({'; '.join(st.reasons)})")
             elif st.state != "done":
                 reasons.append(f"{p.id}: {st.state}")
@@ -414,7 +426,8 @@ class PlanRunner:
         primary = measured[-1] if self.measure_variants and len(measured) > 1 else measured[0]
         self.records[exp.id] = primary.record
         gate = primary.gate or {}
-        return ExperimentStatus(exp.id, primary.exp_id, "done", gate.get("verdict", ""), list(gate.get("reasons") or []),
+        return ExperimentStatus(exp.id, primary.exp_id, "done", gate.get("verdict", ""),
+                                list(gate.get("reasons") or gate.get("undecided") or []),
                                 primary.record, exp.stage, measured, cached)
 
     def _write_ablations(self, statuses: dict[str, ExperimentStatus]) -> None:

@@ -77,7 +77,8 @@ class RunData:
         for rec in self.records:
             experiment, gate = typed.get(rec.exp_id, ("", None))
             if isinstance(gate, dict) and gate.get("verdict"):
-                out.append(Gate(rec.exp_id, str(gate.get("stage", "")), str(gate["verdict"]), list(gate.get("reasons") or []),
+                reasons = list(gate.get("reasons") or gate.get("undecided") or [])
+                out.append(Gate(rec.exp_id, str(gate.get("stage", "")), str(gate["verdict"]), reasons,
                                 str(gate.get("reference", "")), dict(gate.get("figures") or {}), "run.json", experiment))
             elif rec is self.teacher:
                 out.append(Gate(rec.exp_id, "P0", "reference", source="record"))
@@ -104,7 +105,7 @@ class RunData:
         return out
 
 
-_GATE = re.compile(r"gate (P\d+): (pass|stop)")
+_GATE = re.compile(r"gate (P\d+): (pass|stop|inconclusive)")
 
 
 def parse_gate_note(notes: str) -> tuple[str, str, list[str]] | None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from pqk.data.pair_batches import PairSampler
+from pqk.io.files import atomic_torch_save, atomic_write_text
 
 if TYPE_CHECKING:
     from pqk.train.trainer import TrainSpec
@@ -23,9 +24,7 @@ if TYPE_CHECKING:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    atomic_torch_save(obj, path)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,6 +91,4 @@ def _write_log(path: Path, name: str, spec: TrainSpec, world: int, history: list
         "wall_time_s": round(wall, 2), "skipped_steps": skipped, "history": history,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(payload, indent=1, default=float) + "\n")

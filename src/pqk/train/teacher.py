@@ -123,9 +123,9 @@ def validate(model: torch.nn.Module, examples: list[dict], batch_size: int = 4) 
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    from pqk.io.files import atomic_torch_save
+
+    atomic_torch_save(state, path)
 
 
 def _recipe_record(recipe: TeacherRecipe, model: torch.nn.Module, total_steps: int, done_before: int, elapsed: float,

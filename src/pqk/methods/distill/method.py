@@ -33,7 +33,10 @@ class Distill(Method):
             raise ConfigError(f"distillation run {run!r} is not in {config}; accepted: {', '.join(grid.runs)}")
         spec = grid.runs[run]
         if "gamma" in options:  # ABL-3: the same run with feature distillation
-            spec = replace(spec, gamma=float(options["gamma"]))
+            gamma = options["gamma"]
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+                raise ConfigError(f"gamma {gamma!r} is not accepted; expected a number >= 0")
+            spec = replace(spec, gamma=float(gamma))
         return spec
 
     def run(self, model: torch.nn.Module, ctx: StepContext, spec) -> StepResult:

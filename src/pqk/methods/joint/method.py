@@ -15,7 +15,7 @@ from pqk.methods.base import Method, StepContext, StepResult, register
 
 from pqk.methods.distill.method import distill_cost
 from pqk.methods.prune.method import pruned_copy
-from pqk.methods.quantize.method import _latency_cut, _runtimes, quantize_cost, restore_quantized
+from pqk.methods.quantize.method import _runtimes, apply_side_by_side, quantize_cost, restore_quantized
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Joint(Method):
 
         result, outcome = joint_step(ctx.teacher, ctx, spec.joint, spec.runtimes)
         result.float_model = Path(outcome.details["joint"]["checkpoint"])
-        result.latency_cut = _latency_cut(outcome.details, result.backend)
+        apply_side_by_side(result, outcome.details)
         return result
 
     def restore(self, done, entering, task) -> StepResult:

@@ -107,6 +107,15 @@ def restore_quantized(done: Mapping[str, Any], entering: torch.nn.Module, task) 
                       float_model=done.get("float_model") and Path(done["float_model"]), **common)
 
 
+def apply_side_by_side(result: StepResult, details: Mapping[str, Any]) -> StepResult:
+    """`result` with its p50 cut vs eager FP32 from the side-by-side table and whether that
+    timing was contended (other processes on the cores: a latency gate cannot judge it)."""
+    result.latency_cut = _latency_cut(details, result.backend)
+    contention = (details.get("latency_side_by_side") or {}).get("contention") or {}
+    result.latency_contended = bool(contention.get("contended"))
+    return result
+
+
 def _latency_cut(details: Mapping[str, Any], backend: str) -> float | None:
     """The side-by-side p50 cut of the runtime a quantized result runs on, vs eager FP32."""
     from pqk.methods.quantize_step import RUNTIME_LATENCY_KEY

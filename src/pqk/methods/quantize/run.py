@@ -17,14 +17,14 @@ from pqk.methods.base import StepContext, StepResult
 
 def _variants(outcome, label: str, runtimes: tuple[str, ...]) -> dict[str, StepResult]:
     """StepResults of one outcome on each available asked-for runtime, tagged PTQ_ort, QAT_onednn, ..."""
-    from pqk.methods.quantize.method import _latency_cut
+    from pqk.methods.quantize.method import apply_side_by_side
 
     out = {}
     for runtime in runtimes:
         if runtime not in outcome.runtimes():
             continue
         result = outcome.step_result(runtime)
-        result.latency_cut = _latency_cut(outcome.details, result.backend)
+        apply_side_by_side(result, outcome.details)
         out[f"{label}_{'ort' if runtime == 'onnxruntime' else runtime}"] = result
     return out
 
@@ -55,9 +55,9 @@ def quantize_run(model: torch.nn.Module, ctx: StepContext, spec) -> StepResult:
         variants.update(_variants(outcome, "QAT", spec.runtimes))
     outcome.details["qat_decision"] = {"mode": spec.qat, "max_drop": max_drop, **(decision or {})}
     result = outcome.step_result(fastest_runtime(outcome, spec.runtimes))
-    from pqk.methods.quantize.method import _latency_cut
+    from pqk.methods.quantize.method import apply_side_by_side
 
-    result.latency_cut = _latency_cut(outcome.details, result.backend)
+    apply_side_by_side(result, outcome.details)
     qat_checkpoint = outcome.details.get("qat", {}).get("checkpoint")
     # A QAT model's float weights (LayerNorms included) differ from the input model's.
     result.float_model = Path(qat_checkpoint) if qat_checkpoint else None

@@ -97,6 +97,10 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(state_dict[key].shape)}, the model expects {tuple(expected[key].shape)}"
             )
+        tensor = state_dict[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values; a usable DUSt3R has none "
+                                  "(a diverged training run?)")
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -174,7 +178,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], li
     if path.suffix == ".safetensors":
         state_dict, metadata = _read_safetensors(path)
         if "pqk_config" in metadata:
-            return json.loads(metadata["pqk_config"]), state_dict, json.loads(metadata.get("pqk_history", "[]"))
+            try:
+                config, history = json.loads(metadata["pqk_config"]), json.loads(metadata.get("pqk_history", "[]"))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path}: its pqk config metadata is not valid JSON ({exc.msg}); the file is damaged") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{path}: its pqk config metadata is not a JSON object of constructor arguments")
+            return config, state_dict, history if isinstance(history, list) else []
         if (path.parent / "config.json").is_file():
             return _read_config_json(path.parent / "config.json"), state_dict, []
         raise CheckpointError(

@@ -123,6 +123,19 @@ def config_from_kwargs(**kwargs: Any) -> Dust3rConfig:
     return cfg
 
 
+# Refused up front rather than attempted: the full-size DUSt3R has 571 M parameters, so 5 billion
+# (20 GB of fp32 weights, beyond this project's machines) can only be a typo in a config.
+MAX_PARAMETERS = 5_000_000_000
+
+
+def _approx_parameters(cfg: Dust3rConfig) -> int:
+    """Parameters of the blocks, near enough to refuse an absurd config: a ViT block is ~12 d²
+    (attention 4 d², MLP 8 d²), a decoder block ~16 d² (cross-attention too), two decoders."""
+    enc = cfg.enc_depth * 12 * cfg.enc_embed_dim ** 2
+    dec = 2 * cfg.dec_depth * 16 * cfg.dec_embed_dim ** 2
+    return int(enc + dec)
+
+
 def _validate(cfg: Dust3rConfig) -> None:
     def bad(msg: str) -> None:
         raise ConfigError(msg)
@@ -152,6 +165,10 @@ def _validate(cfg: Dust3rConfig) -> None:
             bad(f"{name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}")
         if (dim // heads) % 4:
             bad(f"{name} head dim {dim // heads} must be divisible by 4 for 2D RoPE")
+    approx = _approx_parameters(cfg)
+    if approx > MAX_PARAMETERS:
+        bad(f"this config would build ~{approx / 1e9:.1f} billion parameters ({approx * 4 / 1e9:.0f} GB of fp32 weights), "
+            f"above pqk's limit of {MAX_PARAMETERS / 1e9:.0f} billion; check its widths and depths")
     if cfg.head_type == "dpt" and cfg.dec_depth <= 9:
         bad(f"head_type 'dpt' needs dec_depth > 9 (got {cfg.dec_depth}), as in the official DPT head")
     for s in cfg.img_size:

@@ -53,7 +53,8 @@ class Dust3rTask(Task):
         return load_scenes(workload)
 
     def data_hash(self, workload: Any) -> str:
-        return workload.data_hash
+        # The arrays and which pairs of them are measured: either changing invalidates a cache.
+        return workload.data_hash + (f":{workload.pairs_hash}" if workload.pairs_hash else "")
 
     def input_shape(self, workload: Any) -> tuple[int, int]:
         """(height, width) of the workload's generated views (4:3 landscape when the data is a

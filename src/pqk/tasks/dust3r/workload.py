@@ -35,6 +35,7 @@ class Workload:
     # Real-photograph check, reported beside the main figures: pairs of the motorcycle scene.
     real_pairs: list = field(default_factory=list)
     data_hash: str = ""
+    pairs_hash: str = ""  # which pairs are measured (`pairs_hash`); empty in workloads frozen before it
     # Global alignment for the scene-level figures (t_scene_s, chamfer), DUSt3R's README values.
     ga_niter: int = 300
     ga_lr: float = 0.01
@@ -85,6 +86,7 @@ def load_scenes(workload: Workload, check_hash: bool = True) -> dict[str, object
         from pqk.data.motorcycle import motorcycle_scene
 
         by_name[MOTORCYCLE] = motorcycle_scene(workload.resolution)
+    check_pairs_in_scenes(workload, by_name)
     return by_name
 
 
@@ -119,7 +121,7 @@ def make_workload(
         raise InputError(f"the data gives only {len(candidates)} pairs with ground truth; the workload needs {n_pairs}")
     rng = np.random.default_rng(seed)
     picks = sorted(rng.choice(len(candidates), size=n_pairs, replace=False).tolist())
-    return Workload(
+    workload = Workload(
         resolution=resolution,
         scene_graph=scene_graph,
         seed=seed,
@@ -130,6 +132,8 @@ def make_workload(
         real_pairs=[[MOTORCYCLE, 0, 1], [MOTORCYCLE, 1, 0]] if real_check else [],
         data_hash=scene_hash(scenes),
     )
+    workload.pairs_hash = pairs_hash(workload)
+    return workload
 
 
 def save_workload(workload: Workload, path: Path) -> Path:
@@ -153,7 +157,71 @@ def load_workload(path: Path) -> Workload:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise InputError(f"workload {path} has unknown field {unknown[0]!r}")
-    return Workload(**raw)
+    _check_fields(raw, path)
+    workload = Workload(**raw)
+    if workload.pairs_hash and workload.pairs_hash != pairs_hash(workload):
+        raise InputError(f"workload {path}: its pair list changed since `pqk workload make` froze it (pairs_hash "
+                         "does not match); remake the workload or restore the file")
+    return workload
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_pair_list(value, name: str, path: Path) -> None:
+    ok = isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and _is_int(p[1]) and _is_int(p[2])
+        and p[1] >= 0 and p[2] >= 0 for p in value)
+    if not ok:
+        raise InputError(f"workload {path}: {name} must be a list of [scene name, view index, view index] "
+                         "(indices >= 0), as `pqk workload make` writes it")
+
+
+def _check_fields(raw: dict, path: Path) -> None:
+    """Types and ranges of a frozen workload's fields: one line naming the bad field."""
+    for name in ("resolution", "batch_size", "n_pairs", "seed", "ga_niter", "ga_stride", "version"):
+        if name in raw and not (_is_int(raw[name]) and (raw[name] >= 0 if name == "seed" else raw[name] > 0)):
+            raise InputError(f"workload {path}: {name} must be a positive whole number; got {raw[name]!r}")
+    if "ga_lr" in raw and (isinstance(raw["ga_lr"], bool) or not isinstance(raw["ga_lr"], (int, float)) or not raw["ga_lr"] > 0):
+        raise InputError(f"workload {path}: ga_lr must be a number > 0; got {raw['ga_lr']!r}")
+    for name in ("scene_graph", "ga_schedule", "data_hash", "pairs_hash"):
+        if name in raw and not isinstance(raw[name], str):
+            raise InputError(f"workload {path}: {name} must be a string; got {raw[name]!r}")
+    _check_pair_list(raw.get("pairs"), "pairs", path)
+    _check_pair_list(raw.get("real_pairs", []), "real_pairs", path)
+    if not isinstance(raw.get("scene_level", []), list) or not all(isinstance(n, str) for n in raw.get("scene_level", [])):
+        raise InputError(f"workload {path}: scene_level must be a list of scene names")
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise InputError(f"workload {path}: data must be a mapping (kind: generated or folder)")
+    if data.get("kind") == "generated":
+        if not isinstance(data.get("seeds"), list) or not all(_is_int(x) for x in data["seeds"]):
+            raise InputError(f"workload {path}: data.seeds must be a list of whole numbers; got {data.get('seeds')!r}")
+        for name in ("views", "width", "height"):
+            if not (_is_int(data.get(name)) and 0 < data[name] <= 8192):
+                raise InputError(f"workload {path}: data.{name} must be a whole number in 1..8192; got {data.get(name)!r}")
+    elif data.get("kind") == "folder" and not isinstance(data.get("path"), str):
+        raise InputError(f"workload {path}: data.path must be a folder path")
+
+
+def pairs_hash(workload: Workload) -> str:
+    """sha256 of which pairs are measured (the data hash covers the arrays, not the choice)."""
+    payload = repr(([list(p) for p in workload.pairs], [list(p) for p in workload.real_pairs])).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def check_pairs_in_scenes(workload: Workload, scenes: dict) -> None:
+    """Every measured pair names a scene of the data and views it has."""
+    for name, i, j in [*workload.pairs, *workload.real_pairs]:
+        if name not in scenes:
+            raise InputError(f"the workload measures pair {[name, i, j]} but its data has no scene {name!r}")
+        n = len(scenes[name].views)
+        if max(i, j) >= n:
+            raise InputError(f"the workload measures pair {[name, i, j]} but scene {name!r} has {n} views (0..{n - 1})")
+    missing = [n for n in workload.scene_level if n not in scenes]
+    if missing:
+        raise InputError(f"the workload's scene_level names {missing[0]!r}, which its data does not have")
 
 
 # The protocol's workload when no workload file is found (configs/workload.yaml).
