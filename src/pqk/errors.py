@@ -15,3 +15,8 @@ class InputError(PqkError):
 
 class ConfigError(PqkError):
     """A model or run configuration that pqk cannot build."""
+
+
+class WriteError(InputError, OSError):
+    """A file could not be written (a full disk, a read-only folder): one line for the user, and
+    still an OSError for code that handles failed writes."""

@@ -87,6 +87,11 @@ def run_cmd(
 # --- pqk budget / pqk report ------------------------------------------------------------------
 
 
+def _inconclusive(verdicts: list[str]) -> str:
+    n = verdicts.count("inconclusive")
+    return f"{n} inconclusive (latency timed on a contended machine), " if n else ""
+
+
 def _warn_if_contended() -> None:
     """Other processes busy on the cores make every latency figure of the run a measure of the
     load: say so before hours are spent (latency gates will read "inconclusive")."""
@@ -169,7 +174,7 @@ def report_cmd(
                               gpu=gpu, rate=rate, budget=budget, log=lambda msg: status.update(msg))
     verdicts = [g.verdict for g in report.gates]
     out.print(f"{len(verdicts)} gate rows: {verdicts.count('pass')} pass, {verdicts.count('stop')} stop, "
-              f"{verdicts.count('inconclusive')} inconclusive, {verdicts.count('stopped (not run)')} not run; "
+              f"{_inconclusive(verdicts)}{verdicts.count('stopped (not run)')} not run; "
               f"Pareto front ({report.pareto['metric']}): {', '.join(report.pareto['front']) or '—'}")
     for note in report.notes:
         out.print(f"note: {note}")

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pqk.errors import InputError
+from pqk.errors import InputError, WriteError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def write_failure(path: Path, exc: OSError) -> InputError:
+def write_failure(path: Path, exc: OSError) -> WriteError:
     """A failed write as one line: the path, why, and on a full disk how much space is left."""
     why = exc.strerror or type(exc).__name__
     if exc.errno == errno.ENOSPC:
@@ -30,7 +30,7 @@ def write_failure(path: Path, exc: OSError) -> InputError:
             why += f"; {free / 1e6:.1f} MB free on that disk: free some space and run again"
         except OSError:
             pass
-    return InputError(f"cannot write {path} ({why})")
+    return WriteError(f"cannot write {path} ({why})")
 
 
 def stage_text(path: Path, text: str) -> Path:

@@ -9,12 +9,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def params_millions(model: torch.nn.Module) -> float:
-    from pqk.models.dust3r import count_parameters
-
-    return count_parameters(model) / 1e6
-
-
 @torch.no_grad()
 def forward_gflops(model: torch.nn.Module, view1: dict, view2: dict) -> float:
     """Counted matmul/conv FLOPs of one forward (1 MAC = 2 FLOPs), as the conformance tables."""

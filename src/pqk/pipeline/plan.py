@@ -185,7 +185,8 @@ class Plan:
                 try:
                     get_method(step.method).check(step.spec(), step.options)
                 except (ConfigError, InputError) as exc:
-                    raise type(exc)(f"plan {self.path}: {exp.id}.steps[{k}] ({step.method}): {exc}") from None
+                    where = f"plan {self.path}: {exp.id}.steps[{k}] ({step.method}): " if self.path is not None else ""
+                    raise type(exc)(f"{where}{exc}") from None
 
 
 def estimate_range(value: Any) -> tuple[float, float] | None:

@@ -120,6 +120,7 @@ def write_record(folder: Path, payload: dict, record) -> tuple[Path, Path]:
     """A record's eval JSON and its result_table.csv row as one unit: the JSON is staged, the
     row upserted, then the JSON renamed into place, so a failure (a full disk) leaves neither
     a record without its row nor a temporary file."""
+    from pqk.errors import WriteError
     from pqk.io.files import inside, json_text, stage_text, write_failure
 
     folder = Path(folder)
@@ -131,6 +132,8 @@ def write_record(folder: Path, payload: dict, record) -> tuple[Path, Path]:
         tmp.replace(json_path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, WriteError):  # the table's own write failed: its message names it
+            raise
         raise write_failure(json_path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
