@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from pqk.cli import methods, models, plans  # noqa: F401 (registers the commands)
 from pqk.cli.common import app, err
+
+# Importing a module registers its commands; `pqk --help` lists them in this order.
+from pqk.cli import models  # noqa: F401,E402,I001 (infer, export, workload, eval, teacher)
+from pqk.cli import plans  # noqa: F401,E402 (run, budget, report)
+from pqk.cli import methods  # noqa: F401,E402 (quantize, prune, distill)
 from pqk.cli.methods import _parse_rhos  # noqa: F401 (tests)
 from pqk.errors import PqkError
 
