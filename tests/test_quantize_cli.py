@@ -98,3 +98,5 @@ def test_plan_step_measures_the_fastest_runtime() -> None:
     assert fastest_runtime(outcome(170.0, 273.0), ("onednn", "onnxruntime")) == "onnxruntime"
     assert fastest_runtime(outcome(300.0, 120.0), ("onednn", "onnxruntime")) == "onednn"
     assert fastest_runtime(outcome(170.0, 120.0), ("onnxruntime",)) == "onnxruntime"
+    assert fastest_runtime(outcome(250.0, 240.0), ("onednn", "onnxruntime")) == "onnxruntime"  # a near-tie: no flip
+    assert fastest_runtime(outcome(250.0, 240.0), ("onednn",)) == "onednn"
