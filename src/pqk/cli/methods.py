@@ -5,7 +5,6 @@ what is left here is reading the options and printing the summary."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,10 +44,6 @@ def _run(plan, out_dir: Path, what: str, **kw) -> tuple[list, object]:
         return runner.run(), runner
 
 
-def _eval_json(out_dir: Path, measured) -> dict:
-    return json.loads((out_dir / measured.eval_file).read_text())
-
-
 # --- pqk quantize ---------------------------------------------------------------------------
 
 
@@ -86,7 +81,7 @@ def quantize_cmd(
     plan = _one_method_plan("quantize", [exp], _model_path(model, "--model"), workload_file, budget)
     statuses, _ = _run(plan, out_dir, "quantizing", repeats=repeats, measure_variants=True)
     measured = statuses[0].evaluations
-    payloads = [_eval_json(out_dir, m) for m in measured]
+    payloads = [m.to_json() for m in measured]
     from pqk.cli.models import _print_record
 
     for m, payload in zip(measured, payloads):
@@ -181,7 +176,7 @@ def prune_cmd(
     settings, rows = {}, []
     for r, st in zip(rhos, statuses):
         m = st.evaluations[0]
-        details = _eval_json(out_dir, m)["details"]
+        details = m.details
         step = details.get("step") or {}
         settings[m.exp_id] = {
             "record": m.record.as_row(), "gate": m.gate, "artifact": artifact_name(r, chosen["allocation"]),

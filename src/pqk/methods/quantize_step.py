@@ -281,29 +281,6 @@ def heldout_delta1_drop(float_model: torch.nn.Module, int8_model: torch.nn.Modul
     return {"delta1_fp32": ref, "delta1_int8": new, "drop": quality_drop(new, ref, "delta1"), "pairs": len(examples)}
 
 
-def quantize_step(model: torch.nn.Module, ctx: StepContext, spec: QuantSpec, run: QuantRun | None = None,
-                  max_drop: float = 0.01) -> tuple[StepResult, PtqOutcome]:
-    """The plan runner's Q step: PTQ, then QAT when `run.qat` is "always", or "auto" and PTQ's
-    held-out δ1 drop exceeds `max_drop`. Measured on the fastest of `run.runtimes` (side by
-    side); returns the step result and the outcome it came from."""
-    run = run or QuantRun()
-    outcome = ptq(model, ctx, spec, run)
-    probe_model = outcome.int8_model
-    decision = None
-    if run.qat == "auto":
-        if probe_model is None:
-            from pqk.backends.onnx_export import OrtPairRunner
-
-            ort = OrtPairRunner(outcome.onnx_int8)
-            probe_model = _OrtAsModule(ort)
-        decision = heldout_delta1_drop(model, probe_model, ctx)
-        ctx.log(f"PTQ held-out δ1 drop {decision['drop']:.2%} (QAT when > {max_drop:.0%})")
-    if run.qat == "always" or (decision is not None and decision["drop"] > max_drop):
-        outcome = qat_after_ptq(outcome, ctx, spec, run, teacher=model, show_progress=False)
-    outcome.details["qat_decision"] = {"mode": run.qat, "max_drop": max_drop, **(decision or {})}
-    return outcome.step_result(fastest_runtime(outcome, run.runtimes)), outcome
-
-
 # A runtime must beat ONNX Runtime (which runs the deployed QDQ file itself) by this much to be
 # chosen: which runtime's quality a record reports must not flip with the timing noise of a
 # near-tie (measured: oneDNN 240 ms vs ORT 250 ms on one ablation changed its δ1 from 0.834 to 0.890).

@@ -45,7 +45,6 @@ from pqk.pipeline.record import exp_id as make_exp_id, now_iso, record_file_name
 DONE = "done.json"
 LOG = "execution_log.jsonl"
 MANIFEST = "run.json"
-TEACHER_EVAL = "teacher_eval.json"
 
 
 @dataclass
@@ -54,8 +53,16 @@ class Measured:
 
     exp_id: str
     record: Any
-    eval_file: str
+    details: dict  # the eval JSON's details, as written
     gate: dict | None = None  # GateVerdict.to_json() + reference exp_id; None: not gated (P0, FP32 references)
+
+    @property
+    def eval_file(self) -> str:
+        return record_file_name(self.exp_id)
+
+    def to_json(self) -> dict:
+        """The eval JSON's content."""
+        return {"record": self.record.as_row(), "details": self.details}
 
 
 @dataclass
@@ -143,7 +150,7 @@ class PlanRunner:
         self._given_teacher = teacher
         self.wait = wait  # a run already writing the folder: wait for it (else a one-line error)
         self.records: dict[str, Any] = {}
-        self.baseline = None
+        self.baseline: Measured | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -244,12 +251,9 @@ class PlanRunner:
         return results, entering
 
     # -- measuring ------------------------------------------------------------------------------
-    def _eval_name(self, exp_id: str) -> str:
-        return record_file_name(exp_id)
-
     def _cached(self, exp_id: str, key: str) -> tuple[Any, dict] | None:
         """A record measured before under the same steps (`key`), with its eval JSON's details."""
-        path = self.run_dir / self._eval_name(exp_id)
+        path = self.run_dir / record_file_name(exp_id)
         if not path.is_file() or not (self.resume or exp_id == "P0_teacher_run1"):
             return None
         try:
@@ -295,9 +299,9 @@ class PlanRunner:
         cached = self._cached(exp_id, key)
         if cached is not None:
             record, details = cached
-            return Measured(exp_id, record, self._eval_name(exp_id), details.get("gate"))
+            return Measured(exp_id, record, details, details.get("gate"))
         evaluation, _ = self.measure(subject, exp_id=exp_id, combo=combo, key=key, **kw)
-        return Measured(exp_id, evaluation.record, self._eval_name(exp_id), evaluation.details["gate"])
+        return Measured(exp_id, evaluation.record, evaluation.details, evaluation.details["gate"])
 
     def teacher_record(self) -> Any:
         """The teacher's P0 record on this workload (teacher_eval.json), measured once: a stored one
@@ -305,8 +309,8 @@ class PlanRunner:
         if self.baseline is None:
             key = f"teacher:{weights_sha256(self.teacher)}:{self.task.data_hash(self.workload)}"
             subject = StepResult(model=self.teacher, artifact=self.teacher_path)
-            self.baseline = self._measure_once(subject, "P0_teacher_run1", "teacher", key).record
-        return self.baseline
+            self.baseline = self._measure_once(subject, "P0_teacher_run1", "teacher", key)
+        return self.baseline.record
 
     def _reference(self, exp: Experiment, results: list[StepResult], entering: torch.nn.Module, key: str) -> Any:
         """The record an experiment's gate compares with, as its last method says (teacher | input |
@@ -379,7 +383,7 @@ class PlanRunner:
             record = self.teacher_record()
             self.records[exp.id] = record
             return ExperimentStatus(exp.id, record.exp_id, "done", "", [], record, "P0",
-                                    [Measured(record.exp_id, record, TEACHER_EVAL)])
+                                    [self.baseline])
         key = _chain_key(self.base_key, exp.steps)
         results, entering = self._run_steps(exp)
         if self.rank != 0:  # a non-main process under torchrun trains; rank 0 measures and writes
@@ -389,7 +393,7 @@ class PlanRunner:
         subjects = self._subjects(exp, exp_id, results)
         cached = [self._cached(name, key) for name in subjects]
         if all(c is not None for c in cached):
-            measured = [Measured(n, c[0], self._eval_name(n), c[1].get("gate")) for n, c in zip(subjects, cached)]
+            measured = [Measured(n, c[0], c[1], c[1].get("gate")) for n, c in zip(subjects, cached)]
             self.log(f"{exp.id}: measured before ({', '.join(subjects)}), gate {(measured[0].gate or {}).get('verdict', '-')}")
             return self._status(exp, measured, cached=True)
         reference = self._reference(exp, results, entering, key)
@@ -398,7 +402,7 @@ class PlanRunner:
         for name, subject in subjects.items():
             evaluation, _ = self.measure(subject, exp_id=name, combo=exp.combo, key=key, stage=exp.stage, reference=reference,
                                          experiment=exp.id)
-            measured.append(Measured(name, evaluation.record, self._eval_name(name), evaluation.details["gate"]))
+            measured.append(Measured(name, evaluation.record, evaluation.details, evaluation.details["gate"]))
         status = self._status(exp, measured, cached=False)
         self._append_log({"task_id": exp.id, "input": ", ".join(s.describe() for s in exp.steps),
                           "output": ", ".join(m.eval_file for m in measured), "verdict": status.verdict or "measured",
