@@ -81,15 +81,15 @@ def _load_model(checkpoint: Optional[Path], device: str, option: str = "--checkp
     return load_checkpoint(checkpoint, device=device), checkpoint
 
 
-def _model_path(checkpoint: Optional[Path], option: str) -> Path:
-    """The user's checkpoint, or the bundled default (its notice printed, naming `option`)."""
+def _model_path(checkpoint: Optional[Path], option: str, task=None) -> Path:
+    """The user's checkpoint, or the family's bundled default (its notice printed, naming `option`)."""
     from pqk.assets import default_checkpoint
 
     if checkpoint is not None:
-        if not checkpoint.is_file():
+        if not checkpoint.exists():
             raise InputError(f"{option} {checkpoint} does not exist")
         return checkpoint
-    checkpoint, notice = default_checkpoint(option)
+    checkpoint, notice = task.default_model(option) if task is not None else default_checkpoint(option)
     if notice:
         err.print(f"[bold yellow]note:[/] {notice}")
     return Path(checkpoint)

@@ -17,6 +17,7 @@ from pqk.cli.common import (
     Device,
     Size,
     _load_model,
+    _model_path,
     _check_out_file,
     _publish,
     _refuse_results,
@@ -209,42 +210,65 @@ class Backend(str, Enum):
     onnxruntime = "onnxruntime"
 
 
-@workload_app.command("make", epilog="Example: pqk workload make --out workload.yaml")
+@workload_app.command(
+    "make",
+    epilog="Examples: pqk workload make --out workload.yaml; pqk workload make --family clip --out workload_clip.yaml",
+)
 def workload_make(
     out_file: Path = typer.Option(Path("workload.yaml"), "--out", "-o", help="Where to write the workload YAML."),
+    family: str = typer.Option("dust3r", "--family", "-f", help="dust3r (image pairs) or clip (images with captions, classes, questions)."),
     data: Optional[Path] = typer.Option(
         None, "--data",
-        help="A folder of your own scenes (see docs: <scene>/images, depth/<stem>.npz, cameras.npz). "
-        "Default: procedurally generated scenes with ground truth plus the Middlebury motorcycle pair.",
+        help="A folder of your own data. DUSt3R: <scene>/images, depth/<stem>.npz, cameras.npz. CLIP: captions.jsonl, "
+        "questions.jsonl or class folders (README: your own image-text data). Default: generated data with ground "
+        "truth plus bundled real photographs.",
     ),
-    pairs: int = typer.Option(20, "--pairs", min=1, help="Size of the frozen pair sample (the protocol uses 20)."),
-    scenes: int = typer.Option(5, "--scenes", min=1, help="Generated scenes to draw the pairs from (ignored with --data)."),
-    scene_level: int = typer.Option(1, "--scene-level", min=0, help="Scenes reconstructed whole (global alignment) for t_scene_s and chamfer."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the sample and of the generated scenes."),
+    pairs: int = typer.Option(20, "--pairs", min=1, help="DUSt3R: size of the frozen pair sample (the protocol uses 20)."),
+    scenes: int = typer.Option(5, "--scenes", min=1, help="DUSt3R: generated scenes to draw the pairs from (ignored with --data)."),
+    scene_level: int = typer.Option(1, "--scene-level", min=0, help="DUSt3R: scenes reconstructed whole (global alignment) for t_scene_s and chamfer."),
+    images: int = typer.Option(300, "--images", min=10, help="CLIP: generated test images (ignored with --data)."),
+    image_size: int = typer.Option(64, "--image-size", min=8, help="CLIP: the side images are resized and cropped to (the models' resolution)."),
+    no_photos: bool = typer.Option(False, "--no-photos", help="CLIP: leave the bundled real photographs out."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the sample and of the generated data."),
 ) -> None:
-    """Freeze the protocol's workload: 512 px, batch 1, swin-4 symmetrized pairs, seed 42, a fixed
-    sample of pairs, the scene-level scenes, and a content hash of the data."""
-    from pqk.tasks.dust3r.workload import make_workload, save_workload
+    """Freeze a family's workload with a content hash of its data. DUSt3R: the protocol's 512 px, batch 1,
+    swin-4 symmetrized pairs, seed 42, a fixed sample of pairs and the scene-level scenes. CLIP: generated
+    test images (held-out colour-shape pairs included) or your folder, plus the real photographs."""
+    from pqk.tasks import get_task
 
+    get_task(family)
     if data is not None and not data.is_dir():
         raise InputError(f"--data {data} is not a folder")
     _check_out_file(out_file)
+    if family == "clip":
+        from pqk.tasks.clip.workload import freeze
+
+        workload = freeze(out_file, data=data, n=images, seed=seed, image_size=image_size, real_photos=not no_photos)
+        out.print(f"workload -> {out_file}: {workload.forwards}, data hash {workload.data_hash[:12]}")
+        return
+    from pqk.tasks.dust3r.workload import make_workload, save_workload
+
     workload = make_workload(data=data, n_pairs=pairs, n_scenes=scenes, scene_level=scene_level, seed=seed)
     save_workload(workload, out_file)
     out.print(f"workload -> {out_file}: {len(workload.pairs)} pairs, scene level {workload.scene_level}, "
               f"data hash {workload.data_hash[:12]}")
 
 
-def _print_record(record, details) -> None:
+def _print_record(record, details, task=None) -> None:
     from rich.table import Table
 
+    from pqk.tasks import get_task
+
+    task = task or get_task()
     table = Table(title=f"{record.exp_id} ({details['runtime']})", show_header=True)
     table.add_column("group")
     table.add_column("field")
     table.add_column("value", justify="right")
+    latency = list(task.latency_fields.values())
+    extra = [f for f in task.record_fields if f not in latency and (f.startswith("t_") or f.endswith("_per_sec"))]
     groups = {
-        "quality": ("absrel", "rmse", "delta1", "chamfer"),
-        "efficiency": ("t_pair_p50_ms", "t_pair_p95_ms", "pairs_per_sec", "t_scene_s"),
+        "quality": task.quality_fields,
+        "efficiency": (*latency, *extra),
         "resources": ("params_M", "flops_G", "size_MB", "vram_GB"),
         "cost": ("gpu_hours",),
     }
@@ -253,12 +277,8 @@ def _print_record(record, details) -> None:
         for k in keys:
             table.add_row(group, k, str(row[k]) if row[k] != "" else "—")
     table.add_row("cost", "usd", f"{details['cost']['usd']:.4f} at ${details['cost']['rate_usd_per_h']}/h")
-    real = details.get("real_check_motorcycle")
-    if real:
-        table.add_row("real check", "motorcycle absrel / delta1", f"{real['absrel']:.4f} / {real['delta1']:.4f}")
-    for group, key in (("baseline", "baselines"), ("real baseline", "baselines_motorcycle")):
-        for name, base in (details.get(key) or {}).items():
-            table.add_row(group, f"{name} absrel / delta1", f"{base['absrel']:.4f} / {base['delta1']:.4f}")
+    for group, field, value in task.detail_rows(details):
+        table.add_row(group, field, value)
     out.print(table)
     if record.notes:
         out.print(f"notes: {record.notes}")
@@ -271,27 +291,39 @@ def _print_record(record, details) -> None:
 def eval_cmd(
     model: Optional[Path] = typer.Option(
         None, "--model", "-m",
-        help="The model to measure: a DUSt3R checkpoint (any layout pqk loads) or, with --backend onnxruntime, an .onnx file. "
-        "Default: the bundled model.",
+        help="The model to measure: any checkpoint layout pqk loads for its family or, with --backend onnxruntime, an "
+        ".onnx file (a CLIP-family model: its .image.onnx). Default: the family's bundled model.",
     ),
-    workload_file: Path = typer.Option(Path("workload.yaml"), "--workload", "-w", help="The frozen workload (pqk workload make)."),
+    family: Optional[str] = typer.Option(
+        None, "--family", "-f",
+        help="Model family: dust3r or clip. Default: read from the model file (dust3r when it says nothing).",
+    ),
+    workload_file: Optional[Path] = typer.Option(
+        None, "--workload", "-w",
+        help="The frozen workload (pqk workload make). Default: workload.yaml for DUSt3R, configs/workload_clip.yaml for CLIP.",
+    ),
     backend: Backend = typer.Option(Backend.torch, "--backend", help="torch (eager) or onnxruntime (exports the model, measures the exported file)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where the model runs."),
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Folder for the <exp>_eval.json and result_table.csv."),
     exp: str = typer.Option("P0_teacher_run1", "--exp-id", help="The record's exp_id ({stage}_{combo}_{keyparams}_{run})."),
     combo: str = typer.Option("teacher", "--combo", help="The record's combo field (teacher, K, Q, P, KQ, PK, PKQ, ...)."),
-    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed pairs for the latency percentiles (after 3 warm-up pairs)."),
+    repeats: int = typer.Option(30, "--repeats", min=5, help="Timed inputs for the latency percentiles (after 3 warm-up ones)."),
     rate: float = typer.Option(DEFAULT_RATE_USD_PER_H, "--rate", min=0.0, help="Device price in USD per hour for the cost figure."),
 ) -> None:
-    """Measure a model on the frozen workload with the protocol's one evaluation function: quality
-    (absrel, rmse, delta1, chamfer), efficiency (p50/p95 pair latency, pairs/s, scene time), resources
-    (params, FLOPs, size, memory) and cost. Writes the record JSON and a row of result_table.csv."""
+    """Measure a model on the frozen workload with the protocol's one evaluation function and write the
+    record JSON and a row of result_table.csv. DUSt3R: absrel, rmse, delta1, chamfer, pair latency, scene
+    time. CLIP: R@1/5/10 both ways and their mean, zero-shot top-1/5, VQA overall and per answer type,
+    latency per image and per text, with the real-photograph check and trivial baselines. Both: params,
+    FLOPs, size, memory and cost."""
+    from pqk.methods.base import StepResult
     from pqk.pipeline.evaluate import EvalOptions, evaluate
-    from pqk.pipeline.record import record_file_name, write_record
-    from pqk.tasks.dust3r.workload import load_workload
+    from pqk.pipeline.record import ensure_writable_dir, record_file_name, write_record
+    from pqk.tasks import get_task, infer_family
 
     record_file_name(exp)  # a name that cannot be a file name is refused before any work
-    workload = load_workload(workload_file)
+    task = get_task(family or (infer_family(model) if model is not None else None))
+    workload_file = workload_file or Path(getattr(task, "default_workload", "workload.yaml"))
+    workload = task.load_workload(workload_file)
     dev = _resolve_device(device)
     onnx_path = None
     if model is not None and model.suffix == ".onnx":
@@ -301,12 +333,8 @@ def eval_cmd(
             raise InputError(f"--model {model} does not exist")
         onnx_path, torch_model, artifact = model, None, model
     else:
-        torch_model, artifact = _load_model(model, dev, "--model")
-    from pqk.methods.base import StepResult
-    from pqk.pipeline.record import ensure_writable_dir
-    from pqk.tasks import get_task
-
-    task = get_task()
+        artifact = _model_path(model, "--model", task)
+        torch_model = task.load_model(artifact, dev)
     data = task.load_data(workload)  # the data hash is checked before anything is written
     ensure_writable_dir(out_dir)
     subject = StepResult(model=torch_model, artifact=artifact, backend=backend.value, onnx_path=onnx_path)
@@ -319,7 +347,7 @@ def eval_cmd(
     payload["details"]["model"] = str(artifact)
     payload["details"]["workload_file"] = str(workload_file)
     json_path, csv_path = write_record(out_dir, payload, evaluation.record)
-    _print_record(evaluation.record, evaluation.details)
+    _print_record(evaluation.record, evaluation.details, task)
     out.print(f"wrote {json_path} and a row of {csv_path}")
 
 
@@ -328,15 +356,20 @@ def eval_cmd(
 
 @teacher_app.command(
     "train",
-    epilog="Example (a 2-minute smoke run): pqk teacher train --budget 0.02 --out runs/teacher-smoke",
+    epilog="Examples (2-minute smoke runs): pqk teacher train --budget 0.02 --out runs/teacher-smoke; "
+    "pqk teacher train --family clip --budget 0.05 --out runs/clip-teacher-smoke",
 )
 def teacher_train(
     out_dir: Path = typer.Option(Path("runs/teacher"), "--out", "-o", help="Folder for last.pth (resumable), teacher.safetensors and teacher_recipe.json."),
-    budget: float = typer.Option(1.0, "--budget", min=0.001, help="Multiplies every stage's steps and scene count (1.0 = the recipe of the bundled teacher)."),
+    budget: float = typer.Option(1.0, "--budget", min=0.001, help="Scales the recipe's steps and data (1.0 = the recipe of the bundled teacher)."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing last.pth in --out and start over."),
+    family: str = typer.Option("dust3r", "--family", "-f", help="dust3r (a small DUSt3R) or clip (a LiT dual encoder: locked real "
+                               "MiniLM text tower, image tower trained on generated caption images)."),
 ) -> None:
-    """Train the small DUSt3R teacher on procedurally generated scenes (128x96, then 256x192, then 512x384),
-    with DUSt3R's confidence-weighted regression loss. Resumes from --out/last.pth after an interruption."""
+    """Train a family's small embedded teacher. DUSt3R: on procedurally generated scenes (128x96, then
+    256x192, then 512x384) with DUSt3R's confidence-weighted regression loss. CLIP: CLIP's contrastive
+    loss between a ViT image tower and the locked all-MiniLM-L6-v2 text tower on generated caption images.
+    Resumes from --out/last.pth after an interruption."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -346,23 +379,30 @@ def teacher_train(
         TimeRemainingColumn,
     )
 
-    from pqk.train.teacher import TeacherRecipe, train_teacher
+    from pqk.tasks import get_task
 
-    recipe = TeacherRecipe().scaled(budget) if budget != 1.0 else TeacherRecipe()
+    get_task(family)  # an unknown family is one line naming the known ones
     state = out_dir / "last.pth"
     if fresh and state.exists():
         state.unlink()
     start = time.perf_counter()
     with Progress(TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err) as progress:
-        task = progress.add_task("train", total=sum(s.steps for s in recipe.stages), info="")
+        task = progress.add_task("train", total=None, info="")
 
         def on_step(done: int, total: int, logs: dict) -> None:
-            progress.update(task, completed=done, info=f"loss {logs['loss']:.3f} lr {logs['lr']:.1e}")
+            progress.update(task, completed=done, total=total, info=f"loss {logs['loss']:.3f} lr {logs['lr']:.1e}")
 
-        _, record = train_teacher(recipe, out_dir, log=progress.console.print, on_step=on_step)
+        if family == "clip":
+            from pqk.train.clip_teacher import ClipTeacherRecipe, train_clip_teacher
+
+            recipe = ClipTeacherRecipe().scaled(budget) if budget != 1.0 else ClipTeacherRecipe()
+            _, record = train_clip_teacher(recipe, out_dir, log=progress.console.print, on_step=on_step)
+        else:
+            from pqk.train.teacher import TeacherRecipe, train_teacher
+
+            recipe = TeacherRecipe().scaled(budget) if budget != 1.0 else TeacherRecipe()
+            _, record = train_teacher(recipe, out_dir, log=progress.console.print, on_step=on_step)
     record["command"] = " ".join(["pqk", "teacher", "train", *sys.argv[3:]]) if len(sys.argv) > 3 else "pqk teacher train"
     (out_dir / "teacher_recipe.json").write_text(json.dumps(record, indent=1))
     out.print(f"teacher -> {out_dir / 'teacher.safetensors'} ({time.perf_counter() - start:.0f}s); final validation: {record['final_val']}")
-
-

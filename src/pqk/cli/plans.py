@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -64,16 +63,14 @@ def run_cmd(
     from rich.table import Table
 
     table = Table(title=f"plan {plan.name}: {time.perf_counter() - start:.0f} s")
-    for col in ("experiment", "exp_id", "state", "gate", "δ1", "absrel", "p50 ms", "params M", "notes"):
+    columns = runner.task.summary_columns
+    for col in ("experiment", "exp_id", "state", "gate", *(label for _, label, _ in columns), "notes"):
         table.add_column(col)
     for st in statuses:
         rec = st.record
-        table.add_row(st.id, st.exp_id, st.state, st.verdict or "-",
-                      "" if rec is None or rec.delta1 is None else f"{rec.delta1:.4f}",
-                      "" if rec is None or rec.absrel is None else f"{rec.absrel:.4f}",
-                      "" if rec is None or rec.t_pair_p50_ms is None else f"{rec.t_pair_p50_ms:.1f}",
-                      "" if rec is None or rec.params_M is None else f"{rec.params_M:.2f}",
-                      "; ".join(st.reasons)[:80])
+        cells = ["" if rec is None or getattr(rec, key) is None else format(getattr(rec, key), spec)
+                 for key, _, spec in columns]
+        table.add_row(st.id, st.exp_id, st.state, st.verdict or "-", *cells, "; ".join(st.reasons)[:80])
     out.print(table)
     out.print(f"records: {runner.run_dir / 'result_table.csv'}; log: {runner.run_dir / 'execution_log.jsonl'}")
     if report:
@@ -145,16 +142,13 @@ def budget_cmd(
         out.print(f"wrote {write_json(json_path, result)}")
 
 
-class QualityMetric(str, Enum):
-    delta1 = "delta1"
-    absrel = "absrel"
-
-
 @app.command("report", epilog="Example (after pqk run configs/plans/minimal.yaml): pqk report runs/minimal")
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="A plan's run folder (runs/<plan>): result_table.csv, *_eval.json, execution_log.jsonl.", show_default=False),
     plan: Optional[Path] = typer.Option(None, "--plan", help="The plan file, for the budget table. Default: RUN_DIR/plan.yaml (the runner's copy)."),
-    metric: QualityMetric = typer.Option(QualityMetric.delta1, "--metric", help="Quality axis of the Pareto plot."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Quality axis of the Pareto plot: a quality column of the family's record "
+                                         "(DUSt3R: delta1, absrel, rmse, chamfer; CLIP: r_mean, r1_i2t, zs_top1, vqa_acc, ...). "
+                                         "Default: the family's main metric (delta1, r_mean)."),
     estimate: Optional[Path] = typer.Option(None, "--estimate", help="A `pqk budget --json` file to compare with instead of probing now."),
     no_estimate: bool = typer.Option(False, "--no-estimate", help="Leave the budget table out (no probe)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Device of the estimate: a100, h100, cpu. Default: the device the records were measured on."),
@@ -170,7 +164,7 @@ def report_cmd(
     if gpu is not None:
         check_gpu(gpu)
     with err.status("report") as status:
-        report = build_report(run_dir, plan=plan, metric=metric.value, estimate=estimate, compute_estimate=not no_estimate,
+        report = build_report(run_dir, plan=plan, metric=metric, estimate=estimate, compute_estimate=not no_estimate,
                               gpu=gpu, rate=rate, budget=budget, log=lambda msg: status.update(msg))
     verdicts = [g.verdict for g in report.gates]
     out.print(f"{len(verdicts)} gate rows: {verdicts.count('pass')} pass, {verdicts.count('stop')} stop, "

@@ -191,3 +191,18 @@ def resolve_path(path_like: str | Path, base: Path) -> Path | None:
         if (root / path).exists():
             return root / path
     return None
+
+
+def read_safetensors(path: Path):
+    """(tensors, metadata) of a safetensors file; an unreadable one is one CheckpointError line."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from pqk.errors import CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None

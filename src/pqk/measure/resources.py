@@ -25,10 +25,13 @@ def artifact_megabytes(path: str | Path | None) -> float | None:
     path = Path(path)
     if not path.exists():
         return None
-    total = path.stat().st_size
-    side = path.with_name(path.name + ".data")
-    if path.suffix == ".onnx" and side.exists():
-        total += side.stat().st_size
+    files = [path]
+    if path.name.endswith(".image.onnx"):  # a CLIP-family pair: the text tower is deployed too
+        files.append(path.with_name(path.name.removesuffix(".image.onnx") + ".text.onnx"))
+    total = 0
+    for f in files:
+        side = f.with_name(f.name + ".data")
+        total += sum(p.stat().st_size for p in (f, side) if p.exists() and (p is f or f.suffix == ".onnx"))
     return total / 2**20
 
 

@@ -149,12 +149,16 @@ def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 # --- the registry ---------------------------------------------------------------------------------
 
-_METHODS: dict[str, Method] = {}
+# name -> family -> method: a plan's `method: distill` means the distillation of the plan's family
+# (DUSt3R's knows its decoder and heads, CLIP's its two towers), so one name serves every family.
+_METHODS: dict[str, dict[str, Method]] = {}
+DEFAULT_FAMILY = "dust3r"
 
 
 def register(method: type[Method] | Method) -> type[Method] | Method:
-    """Make a method known to plans, the runner and the budget by its name (usable as a class
-    decorator). Registering a name again replaces the earlier method."""
+    """Make a method known to plans, the runner and the budget by its name, for each family it
+    declares (usable as a class decorator). Registering a name again for a family replaces the
+    earlier method."""
     cls = method if isinstance(method, type) else type(method)
     for attr in ("name", "letter", "default_config"):
         if not getattr(cls, attr, None):
@@ -162,26 +166,39 @@ def register(method: type[Method] | Method) -> type[Method] | Method:
     if getattr(cls, "__abstractmethods__", None):
         raise ConfigError(f"method {cls.__name__} must implement {', '.join(sorted(cls.__abstractmethods__))}")
     instance = method() if isinstance(method, type) else method
-    _METHODS[instance.name] = instance
+    for family in instance.families:
+        _METHODS.setdefault(instance.name, {})[family] = instance
     return method
 
 
-def unregister(name: str) -> None:
-    _METHODS.pop(name, None)
+def unregister(name: str, family: str | None = None) -> None:
+    """Forget method `name` (for one family, or for all)."""
+    if family is None:
+        _METHODS.pop(name, None)
+    else:
+        _METHODS.get(name, {}).pop(family, None)
+        if not _METHODS.get(name, True):
+            _METHODS.pop(name, None)
 
 
 def _load_builtins() -> None:
     from pqk.methods import builtin  # noqa: F401 (registers distill, prune, quantize, joint)
 
 
-def get_method(name: str) -> Method:
-    """The registered method `name`; one-line error naming the accepted ones."""
+def get_method(name: str, family: str | None = None) -> Method:
+    """The registered method `name` for model family `family` (default DUSt3R); one-line error
+    naming the accepted ones."""
     _load_builtins()
+    family = family or DEFAULT_FAMILY
     if name not in _METHODS:
-        raise ConfigError(f"unknown method {name!r}; accepted: {', '.join(method_names())}")
-    return _METHODS[name]
+        raise ConfigError(f"unknown method {name!r}; accepted: {', '.join(method_names(family))}")
+    if family not in _METHODS[name]:
+        raise ConfigError(f"method {name!r} has no implementation for the {family} family; accepted for {family}: "
+                          f"{', '.join(method_names(family)) or 'none'}")
+    return _METHODS[name][family]
 
 
-def method_names() -> list[str]:
+def method_names(family: str | None = None) -> list[str]:
+    """Registered method names (those implemented for `family` when one is given)."""
     _load_builtins()
-    return list(_METHODS)
+    return [n for n, impls in _METHODS.items() if family is None or family in impls]

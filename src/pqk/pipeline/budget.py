@@ -212,7 +212,7 @@ def _bills(plan: Plan, costing: Costing) -> list[tuple[Experiment, list[Item]]]:
     chain of steps already paid for by an earlier experiment is reused, so the plan pays for it
     once ("hours"); "hours_with_shared" counts it again, as the experiment's record does (its
     gpu_hours include every step it needed)."""
-    from pqk.methods.base import get_method, method_names
+    from pqk.methods.base import method_names
 
     done: dict[str, tuple[str, CostModel, list[Item]]] = {}
     bills = []
@@ -228,11 +228,12 @@ def _bills(plan: Plan, costing: Costing) -> list[tuple[Experiment, list[Item]]]:
                 items += [replace(it, what=f"{it.what} (cached from {paid_by})", reused_from=paid_by) for it in paid]
                 continue
             where = f"experiment {exp.id}, step {k + 1}"
-            if step.method not in method_names():
-                costing.note(f"{where}: no cost model for method {step.method!r} (known: {', '.join(method_names())}); not counted")
+            if step.method not in method_names(step.family):
+                costing.note(f"{where}: no cost model for method {step.method!r} "
+                             f"(known: {', '.join(method_names(step.family))}); not counted")
                 new_items = [Item(step.method, f"{step.label()}: not costed")]
             else:
-                new_items, model = get_method(step.method).cost(costing, step, model, where)
+                new_items, model = step.impl.cost(costing, step, model, where)
             items += new_items
             done[key] = (exp.id, model, new_items)
         items.append(costing.evaluation(model))

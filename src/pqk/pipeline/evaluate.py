@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pqk.measure.machine import Contention, machine_info
-from pqk.measure.resources import artifact_megabytes, cuda_peak_gigabytes, peak_rss_megabytes
+from pqk.measure.resources import cuda_peak_gigabytes, peak_rss_megabytes
 from pqk.pipeline.record import nan_fields, now_iso
 
 if TYPE_CHECKING:
@@ -54,9 +54,9 @@ def _resources(task: Task, model, example, artifact: Path | None, device: str) -
         out["flops_G"] = task.gflops(model.to(device).eval(), example)
     if artifact is None and model is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            out["size_MB"] = artifact_megabytes(task.save_model(model, Path(tmp) / "model.safetensors"))
+            out["size_MB"] = task.deployed_megabytes(model, task.save_model(model, Path(tmp) / "model.safetensors"))
     else:
-        out["size_MB"] = artifact_megabytes(artifact)
+        out["size_MB"] = task.deployed_megabytes(model, artifact)
     return out
 
 

@@ -47,6 +47,12 @@ class PlanStep:
     config: Path | None  # resolved; None when a lenient read did not find it
     options: dict = field(default_factory=dict)
     config_name: str = ""  # as written in the plan
+    family: str = "dust3r"  # the plan's model family: which implementation of the method runs
+
+    @property
+    def impl(self):
+        """The registered method this step runs (its implementation for the plan's family)."""
+        return get_method(self.method, self.family)
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
@@ -63,14 +69,16 @@ class PlanStep:
         method says its result depends on (joint PQK: the configs it names)."""
         data = _config_data(self.config)
         payload = {"method": self.method, "options": self.options, "config": data}
+        if self.family != "dust3r":  # DUSt3R's cache keys predate families and stay valid
+            payload["family"] = self.family
         if isinstance(data, dict) and self.config is not None:
-            for key, path in get_method(self.method).config_files(self.config, data).items():
+            for key, path in self.impl.config_files(self.config, data).items():
                 payload[f"{key}_config"] = _config_data(path) if isinstance(path, Path) else path
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def spec(self) -> Any:
         """The step's typed spec (its method's reading of the config with the options applied)."""
-        return get_method(self.method).load_spec(self.config, self.options)
+        return self.impl.load_spec(self.config, self.options)
 
 
 def _config_data(path: Path | None) -> Any:
@@ -102,7 +110,7 @@ class Experiment:
     def combo(self) -> str:
         if self.combo_override:
             return self.combo_override
-        return "".join(_letter(s.method) for s in self.steps) or "teacher"
+        return "".join(_letter(s) for s in self.steps) or "teacher"
 
     @property
     def stage(self) -> str:
@@ -111,22 +119,22 @@ class Experiment:
             return self.stage_override
         if not self.steps:
             return "P0"
-        return get_method(self.steps[-1].method).stage(len(self.steps) == 1)
+        return self.steps[-1].impl.stage(len(self.steps) == 1)
 
     @property
     def reference_kind(self) -> str:
         """teacher | input | own_float: what this experiment's gate compares with."""
         if not self.steps:
             return "teacher"
-        kind = get_method(self.steps[-1].method).reference(len(self.steps) == 1)
+        kind = self.steps[-1].impl.reference(len(self.steps) == 1)
         if self.stage_override == "P3" and kind == "teacher":
             return "input"  # a command quantizing a student: the student in FP32 is the reference
         return kind
 
 
-def _letter(method: str) -> str:
+def _letter(step: PlanStep) -> str:
     try:
-        return get_method(method).letter
+        return step.impl.letter
     except ConfigError:  # a lenient read keeps steps of unknown methods; they have no letter
         return "?"
 
@@ -183,7 +191,7 @@ class Plan:
         for exp in self.experiments:
             for k, step in enumerate(exp.steps):
                 try:
-                    get_method(step.method).check(step.spec(), step.options)
+                    step.impl.check(step.spec(), step.options)
                 except (ConfigError, InputError) as exc:
                     where = f"plan {self.path}: {exp.id}.steps[{k}] ({step.method}): " if self.path is not None else ""
                     raise type(exc)(f"{where}{exc}") from None
@@ -207,8 +215,8 @@ def estimate_range(value: Any) -> tuple[float, float] | None:
 class _Reader:
     """One plan file read strictly (errors) or leniently (notes)."""
 
-    def __init__(self, path: Path, strict: bool):
-        self.path, self.strict, self.notes = path, strict, []
+    def __init__(self, path: Path, strict: bool, family: str = "dust3r"):
+        self.path, self.strict, self.notes, self.family = path, strict, [], family
         self.base = path.resolve().parent
 
     def problem(self, error: type[Exception], message: str) -> None:
@@ -221,13 +229,14 @@ class _Reader:
             raw = {"method": raw}
         if not isinstance(raw, dict) or not raw.get("method"):
             raise ConfigError(f"plan {self.path}: {where}: a step is a mapping with 'method' and 'config' "
-                              f"({', '.join(method_names())}); got {raw!r}")
+                              f"({', '.join(method_names(self.family))}); got {raw!r}")
         method = str(raw["method"])
         options = {str(k): v for k, v in raw.items() if k not in ("method", "config")}
-        if method not in method_names():
-            self.problem(ConfigError, f"{where}: unknown method {method!r}; accepted: {', '.join(method_names())}")
-            return PlanStep(method, None, options, str(raw.get("config") or f"configs/{method}.yaml"))
-        known = get_method(method)
+        if method not in method_names(self.family):
+            self.problem(ConfigError, f"{where}: unknown method {method!r} for the {self.family} family; "
+                                      f"accepted: {', '.join(method_names(self.family))}")
+            return PlanStep(method, None, options, str(raw.get("config") or f"configs/{method}.yaml"), self.family)
+        known = get_method(method, self.family)
         unknown = sorted(set(options) - known.options)
         if unknown and self.strict:
             raise ConfigError(f"plan {self.path}: {where}: unknown option {unknown[0]!r} for {method}; "
@@ -240,7 +249,7 @@ class _Reader:
             if self.strict:
                 raise InputError(f"plan {self.path}: {where}: config file {name} does not exist")
             config = None
-        return PlanStep(method, config, options, name)
+        return PlanStep(method, config, options, name, self.family)
 
     def experiment(self, k: int, raw: Any, seen: set[str], top_estimates: dict) -> Experiment:
         if not isinstance(raw, dict) or not isinstance(raw.get("id"), (str, int)) or raw.get("id") == "":
@@ -268,7 +277,7 @@ class _Reader:
                           estimate_range(raw.get("estimate_h100_hours", top_estimates.get(exp_id))), name)
 
     def _check_order(self, exp_id: str, steps: list[PlanStep]) -> None:
-        known = [(s, get_method(s.method)) for s in steps if s.method in method_names()]
+        known = [(s, s.impl) for s in steps if s.method in method_names(self.family)]
         if any(m.quantizes for s, m in known[:-1]) and self.strict:
             raise ConfigError(f"plan {self.path}: experiment {exp_id!r} quantizes before its last step; quantize must come last")
         for s, m in known:
@@ -284,7 +293,11 @@ def load_plan(path: str | Path, strict: bool = True) -> Plan:
     data = read_yaml(path, "plan", "see configs/plans/minimal.yaml", invalid=ConfigError)
     if not isinstance(data, dict) or not isinstance(data.get("experiments"), list) or not data["experiments"]:
         raise ConfigError(f"plan {path} must be a mapping with 'name' and a non-empty 'experiments' list")
-    reader = _Reader(path, strict)
+    task = data.get("task", "dust3r")
+    from pqk.tasks import get_task
+
+    get_task(task)  # an unknown family is an error in either mode
+    reader = _Reader(path, strict, task)
     unknown = sorted(set(data) - _PLAN_KEYS)
     if unknown:
         reader.problem(ConfigError, f"unknown key {unknown[0]!r}; accepted: {', '.join(sorted(_PLAN_KEYS))}")
@@ -302,10 +315,6 @@ def load_plan(path: str | Path, strict: bool = True) -> Plan:
     policy = data.get("gate_policy", "stop")
     if policy not in GATE_POLICIES:
         raise ConfigError(f"plan {path}: gate_policy {policy!r} is not known; accepted: {', '.join(GATE_POLICIES)}")
-    task = data.get("task", "dust3r")
-    from pqk.tasks import get_task
-
-    get_task(task)  # an unknown family is an error in either mode
     teacher = data.get("teacher")
     if teacher is not None and not isinstance(teacher, str):
         raise ConfigError(f"plan {path}: teacher must be a file path; got {teacher!r}")

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from pqk.io.files import atomic_write_text, ensure_writable_dir, json_safe, remove_leftovers, run_lock, write_json
-from pqk.methods.base import StepContext, StepResult, get_method, trainable_copy
+from pqk.methods.base import StepContext, StepResult, trainable_copy
 from pqk.pipeline.evaluate import EvalOptions, Evaluation, evaluate
 from pqk.pipeline.gates import GateVerdict, check_gate, record_from_row
 from pqk.pipeline.plan import Experiment, Plan, PlanStep
@@ -111,7 +111,7 @@ def _keyparams(steps: list[PlanStep], fields: dict, details: dict | None = None)
     """The exp_id's key parameters, as the experiment's last method names them (K1 / K1G01,
     r030, PTQ_keepSMLN_cal128, the joint run's own key)."""
     last = steps[-1]
-    return get_method(last.method).keyparams(last.options, StepResult(None, None, fields=fields, details=details or {}))
+    return last.impl.keyparams(last.options, StepResult(None, None, fields=fields, details=details or {}))
 
 
 def _done_summary(result: StepResult) -> dict:
@@ -225,7 +225,7 @@ class PlanRunner:
         model: torch.nn.Module = self.teacher
         results, entering = [], model
         for k, step in enumerate(exp.steps):
-            method = get_method(step.method)
+            method = step.impl
             key = _chain_key(self.base_key, exp.steps[: k + 1])
             folder, done_file = self._step_place(exp, step, key)
             entering = model
@@ -328,7 +328,7 @@ class PlanRunner:
         for prefix in self.plan.prefixes(exp):
             if len(prefix.steps) == len(exp.steps) - 1 and prefix.id in self.records:
                 return self.records[prefix.id]
-        combo = exp.combo[:-len(get_method(exp.steps[-1].method).letter)] or "teacher"
+        combo = exp.combo[:-len(exp.steps[-1].impl.letter)] or "teacher"
         fields = {}
         for r in results[:-1]:
             fields.update(r.fields)

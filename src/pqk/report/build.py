@@ -248,7 +248,7 @@ def build_report(
     run_dir: str | Path,
     *,
     plan: str | Path | None = None,
-    metric: str = "delta1",
+    metric: str | None = None,
     estimate: dict | str | Path | None = None,
     compute_estimate: bool = True,
     gpu: str | None = None,
@@ -259,6 +259,7 @@ def build_report(
     """Read RUN_DIR and write RUN_DIR/report/ (see the module docstring)."""
     say = log or (lambda _m: None)
     data = load_run(run_dir, plan)
+    metric = metric or data.task.main_metric
     if metric not in data.task.quality_fields:
         raise InputError(f"--metric {metric!r} is not accepted; accepted: {', '.join(data.task.quality_fields)}")
     folder = Path(run_dir) / REPORT_DIR
@@ -267,12 +268,13 @@ def build_report(
     if teacher is None:
         data.notes.append("no teacher record (P0): no reference in the figures, no relative resources plot")
     files: dict[str, Path] = {}
-    pareto = plot_pareto(data.records, teacher, metric, folder / "pareto.png", higher=data.task.direction(metric))
+    pareto = plot_pareto(data.records, teacher, metric, folder / "pareto.png", higher=data.task.direction(metric),
+                         task=data.task)
     files["pareto.png"] = folder / "pareto.png"
     if pareto["skipped"]:
         data.notes.append(f"not in the Pareto plot (no finite latency or {metric}): {', '.join(pareto['skipped'])}")
     if teacher is not None:
-        plot_stages(data.records, teacher, folder / "stages.png")
+        plot_stages(data.records, teacher, folder / "stages.png", task=data.task)
         files["stages.png"] = folder / "stages.png"
     est = resolve_estimate(data, folder, estimate, gpu=gpu, rate=rate, budget=budget, compute=compute_estimate, log=say)
     if not data.log:
@@ -294,7 +296,7 @@ class _Page:
 
     def __init__(self, data: RunData, run_dir: str | Path, metric: str, pareto: dict, files: dict, est: dict | None):
         self.data, self.run_dir, self.metric, self.pareto, self.files = data, run_dir, metric, pareto, files
-        self.results = results_table(data.records)
+        self.results = results_table(data.records, task=data.task)
         self.results.caption = (f"Results ({len(data.records)} records); ↓ lower is better, ↑ higher is better; "
                                 f"all {len(data.task.record_fields)} fields in result_table.csv")
         self.gates = gate_table(data)
@@ -326,7 +328,7 @@ class _Page:
         return "\n".join(m for m in md if m)
 
     def latex(self) -> str:
-        tex_results = results_table(self.data.records, latex=True)
+        tex_results = results_table(self.data.records, latex=True, task=self.data.task)
         tex_results.caption = f"Results of plan {self.plan_name} on the frozen workload"
         return ("% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(self.plan_name)}-results")
                 + "\n" + _latex_gates(self.gates, self.plan_name))
@@ -334,7 +336,7 @@ class _Page:
     def html(self) -> str:
         data, files = self.data, self.files
         sections = [("Results", self.results.html() + f"<details><summary>All {len(data.task.record_fields)} protocol fields</summary>"
-                     + full_table(data.records).html() + "</details>"),
+                     + full_table(data.records, task=data.task).html() + "</details>"),
                     ("Quality vs latency", _img(files["pareto.png"], "Pareto plot")
                      + f"<p>Quality: <b>{html.escape(self.metric)}</b> ({self.direction} is better); marker area ∝ size on disk; "
                      f"teacher = star and dashed lines. Pareto front: <b>{html.escape(self.front)}</b>.</p>")]

@@ -9,10 +9,18 @@ from pathlib import Path
 from pqk.pipeline.record import Record
 from pqk.report.rundata import finite
 
-QUALITY_LABELS = {"delta1": "δ1 (share of pixels within 1.25×)", "absrel": "AbsRel", "rmse": "RMSE",
-                  "chamfer": "Chamfer distance"}
-STAGE_FIELDS = (("params_M", "parameters"), ("flops_G", "FLOPs / pair"), ("size_MB", "size on disk"),
-                ("t_pair_p50_ms", "pair latency p50"))
+RESOURCE_FIELDS = (("params_M", "parameters"), ("flops_G", "FLOPs / input"), ("size_MB", "size on disk"))
+
+
+def _p50(task) -> str:
+    """The record column of the family's main latency (DUSt3R: t_pair_p50_ms)."""
+    from pqk.tasks import get_task
+
+    return (task or get_task()).latency_fields["p50_ms"]
+
+
+def stage_fields(task=None) -> tuple[tuple[str, str], ...]:
+    return (*RESOURCE_FIELDS, (_p50(task), "latency p50"))
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
@@ -45,23 +53,23 @@ def _pyplot():
     return plt
 
 
-def quality_points(records: Sequence[Record], metric: str) -> list[tuple[Record, float, float]]:
+def quality_points(records: Sequence[Record], metric: str, task=None) -> list[tuple[Record, float, float]]:
     """(record, latency p50, quality) for every record that has both, finite."""
     out = []
     for rec in records:
-        t, q = finite(rec.t_pair_p50_ms), finite(getattr(rec, metric))
+        t, q = finite(getattr(rec, _p50(task))), finite(getattr(rec, metric))
         if t is not None and q is not None:
             out.append((rec, t, q))
     return out
 
 
 def plot_pareto(records: Sequence[Record], teacher: Record | None, metric: str, path: Path,
-                higher: bool = True) -> dict:
+                higher: bool = True, task=None) -> dict:
     """pareto.png: quality vs t_pair_p50_ms, marker area ∝ size_MB, labelled by exp_id, the teacher
     as a reference (star and dashed lines), the Pareto front joined and ringed. Returns what
     was plotted (front exp_ids, metric, skipped records). `higher`: the metric's direction."""
     plt = _pyplot()
-    pts = quality_points(records, metric)
+    pts = quality_points(records, metric, task)
     skipped = [r.exp_id for r in records if r not in [p[0] for p in pts]]
     front = [pts[i][0].exp_id for i in pareto_front([(t, q) for _, t, q in pts], higher)]
     sizes = [finite(r.size_MB) for r, _, _ in pts]
@@ -70,8 +78,8 @@ def plot_pareto(records: Sequence[Record], teacher: Record | None, metric: str, 
     fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=110)
     if teacher is not None and finite(getattr(teacher, metric)) is not None:
         ax.axhline(float(getattr(teacher, metric)), color="0.55", ls="--", lw=1, zorder=1)
-    if teacher is not None and finite(teacher.t_pair_p50_ms) is not None:
-        ax.axvline(float(teacher.t_pair_p50_ms), color="0.55", ls=":", lw=1, zorder=1)
+    if teacher is not None and finite(getattr(teacher, _p50(task))) is not None:
+        ax.axvline(float(getattr(teacher, _p50(task))), color="0.55", ls=":", lw=1, zorder=1)
     on_front = sorted((t, q) for r, t, q in pts if r.exp_id in front)
     if len(on_front) > 1:
         # The front as a staircase: what the best model at each latency budget achieves.
@@ -87,7 +95,10 @@ def plot_pareto(records: Sequence[Record], teacher: Record | None, metric: str, 
         label = rec.exp_id + (" (teacher)" if is_teacher else "") + (f", {size:.3g} MB" if size is not None else "")
         ax.annotate(label, (t, q), textcoords="offset points", xytext=(7, 6), fontsize=8)
     ax.set_xlabel("pair latency p50 (ms, batch 1) — lower is better")
-    ax.set_ylabel(f"{QUALITY_LABELS[metric]} — {'higher' if higher else 'lower'} is better")
+    from pqk.tasks import get_task
+
+    label = (task or get_task()).quality_labels.get(metric, metric)
+    ax.set_ylabel(f"{label} — {'higher' if higher else 'lower'} is better")
     ax.set_title(f"Quality vs latency ({metric}); marker area ∝ size on disk; ringed red = Pareto front")
     ax.grid(alpha=0.3)
     if len(on_front) > 1:
@@ -101,30 +112,31 @@ def plot_pareto(records: Sequence[Record], teacher: Record | None, metric: str, 
     return {"metric": metric, "front": front, "skipped": skipped}
 
 
-def relative_resources(records: Sequence[Record], teacher: Record) -> dict[str, dict[str, float | None]]:
+def relative_resources(records: Sequence[Record], teacher: Record, task=None) -> dict[str, dict[str, float | None]]:
     """exp_id -> {field: value / teacher's value} for the stage fields (None when unknown)."""
     out = {}
     for rec in records:
         rel = {}
-        for key, _ in STAGE_FIELDS:
+        for key, _ in stage_fields(task):
             v, ref = finite(getattr(rec, key)), finite(getattr(teacher, key))
             rel[key] = None if v is None or not ref else v / ref
         out[rec.exp_id] = rel
     return out
 
 
-def plot_stages(records: Sequence[Record], teacher: Record, path: Path) -> dict:
+def plot_stages(records: Sequence[Record], teacher: Record, path: Path, task=None) -> dict:
     """stages.png: per experiment, bars for params, FLOPs, size and p50 latency relative to the
     teacher (= 1.0, the dashed line). Returns the plotted ratios."""
     plt = _pyplot()
     others = [r for r in records if r.exp_id != teacher.exp_id]
-    rel = relative_resources(others, teacher)
+    rel = relative_resources(others, teacher, task)
+    fields = stage_fields(task)
     n = max(1, len(others))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * n + 3), 4.8), dpi=110)
-    width = 0.8 / len(STAGE_FIELDS)
+    width = 0.8 / len(fields)
     colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
-    for k, ((key, label), color) in enumerate(zip(STAGE_FIELDS, colors)):
-        xs = [i + (k - (len(STAGE_FIELDS) - 1) / 2) * width for i in range(len(others))]
+    for k, ((key, label), color) in enumerate(zip(fields, colors)):
+        xs = [i + (k - (len(fields) - 1) / 2) * width for i in range(len(others))]
         ys = [rel[r.exp_id][key] for r in others]
         bars = ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width,
                       label=label, color=color)

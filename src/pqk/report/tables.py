@@ -8,21 +8,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pqk.pipeline.record import RECORD_FIELDS, Record
+from pqk.pipeline.record import Record
 
-# The results table: the fields a reader compares, with units; the full 25 follow in the CSV.
-RESULT_COLUMNS: list[tuple[str, str]] = [
-    ("exp_id", "exp_id"), ("combo", "combo"), ("rho", "ρ"), ("T", "T"), ("beta", "β"), ("gamma", "γ"),
-    ("bits", "bits W/A"), ("params_M", "params (M)"), ("flops_G", "GFLOPs"), ("size_MB", "size (MB)"),
-    ("vram_GB", "VRAM (GB)"), ("absrel", "AbsRel ↓"), ("delta1", "δ1 ↑"), ("rmse", "RMSE ↓"), ("chamfer", "Chamfer ↓"),
-    ("t_pair_p50_ms", "p50 (ms)"), ("t_pair_p95_ms", "p95 (ms)"), ("pairs_per_sec", "pairs/s"),
-    ("t_scene_s", "t_scene (s)"), ("gpu_hours", "GPU-h"),
-]
-# LaTeX pages are narrow: the paper's table keeps the headline figures.
-LATEX_COLUMNS = ["exp_id", "combo", "params_M", "flops_G", "size_MB", "absrel", "delta1", "chamfer",
-                 "t_pair_p50_ms", "pairs_per_sec", "gpu_hours"]
 _LATEX_HEADERS = {"rho": r"$\rho$", "beta": r"$\beta$", "gamma": r"$\gamma$", "absrel": r"AbsRel $\downarrow$",
                   "delta1": r"$\delta_1$ $\uparrow$", "rmse": r"RMSE $\downarrow$", "chamfer": r"Chamfer $\downarrow$"}
+
+
+def _task(task):
+    from pqk.tasks import get_task
+
+    return task or get_task()
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -115,12 +110,14 @@ def _cell(rec: Record, key: str) -> str:
     return fmt(getattr(rec, key))
 
 
-def results_table(records: list[Record], columns: list[tuple[str, str]] | None = None, latex: bool = False) -> Table:
-    """The results: one row per record, the readable columns (LATEX_COLUMNS for the paper)."""
-    cols = columns or RESULT_COLUMNS
+def results_table(records: list, columns: list[tuple[str, str]] | None = None, latex: bool = False,
+                  task=None) -> Table:
+    """The results: one row per record, the family's readable columns (its LaTeX subset for the paper)."""
+    task = _task(task)
+    cols = columns or list(task.result_columns)
     if latex:
-        names = dict(RESULT_COLUMNS)
-        cols = [(k, names[k]) for k in LATEX_COLUMNS]
+        names = dict(task.result_columns)
+        cols = [(k, names[k]) for k in task.latex_columns]
     text = {"exp_id", "combo", "bits"}
     return Table(
         headers=[h for _, h in cols],
@@ -130,8 +127,9 @@ def results_table(records: list[Record], columns: list[tuple[str, str]] | None =
     )
 
 
-def full_table(records: list[Record]) -> Table:
-    """All 25 protocol fields, as result_table.csv has them."""
+def full_table(records: list, task=None) -> Table:
+    """Every field of the family's record, as result_table.csv has them."""
+    names = _task(task).record_fields
     text = {"exp_id", "combo", "keep_list", "notes", "datetime"}
-    return Table(headers=list(RECORD_FIELDS), rows=[[fmt(getattr(r, f)) for f in RECORD_FIELDS] for r in records],
-                 numeric=[f not in text for f in RECORD_FIELDS])
+    return Table(headers=list(names), rows=[[fmt(getattr(r, f)) for f in names] for r in records],
+                 numeric=[f not in text for f in names])

@@ -44,6 +44,13 @@ class Task(ABC):
     higher_is_better: Mapping[str, bool]  # direction of every quality column
     main_metric: str  # the column the gates and the Pareto plot read by default
     latency_fields: Mapping[str, str]  # "p50_ms" / "p95_ms" / "per_sec" -> the record's column
+    # How the family's records are shown: the report's results table (field, label), its LaTeX
+    # subset, the plot label of each quality column, and the one-screen summary of `pqk run` /
+    # `pqk eval` (field, label, format).
+    result_columns: tuple[tuple[str, str], ...] = ()
+    latex_columns: tuple[str, ...] = ()
+    quality_labels: Mapping[str, str] = {}
+    summary_columns: tuple[tuple[str, str, str], ...] = ()
 
     # -- models -----------------------------------------------------------------------------------
     @abstractmethod
@@ -93,6 +100,18 @@ class Task(ABC):
     def evaluation_shape(self, workload_path: Path | None, notes: list[str]) -> dict:
         """What one evaluation of the workload costs, read without loading its data: `width`,
         `height` and `passes` (forward passes of batch 1) and `what` (a few words saying which)."""
+
+    def deployed_megabytes(self, model: torch.nn.Module | None, artifact: Path | None) -> float | None:
+        """Size on disk of what deploying the model takes: its saved artifact (a family whose
+        files leave out weights read from elsewhere adds them here)."""
+        from pqk.measure.resources import artifact_megabytes
+
+        return artifact_megabytes(artifact)
+
+    def detail_rows(self, details: dict) -> list[tuple[str, str, str]]:
+        """Extra (group, field, value) rows `pqk eval` prints from the eval JSON's details (real
+        check, trivial baselines)."""
+        return []
 
     # -- shared helpers ---------------------------------------------------------------------------
     def direction(self, metric: str) -> bool:

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from pqk.errors import CheckpointError, PqkError
 from pqk.models.dust3r.config import (
@@ -136,12 +135,9 @@ def _read_pth(path: Path) -> tuple[dict, dict, list]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    from pqk.io.files import read_safetensors
+
+    return read_safetensors(path)
 
 
 def _read_hf_folder(folder: Path) -> tuple[dict, dict]:

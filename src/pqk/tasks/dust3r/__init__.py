@@ -21,6 +21,19 @@ class Dust3rTask(Task):
     higher_is_better = {"delta1": True, "absrel": False, "rmse": False, "chamfer": False}
     main_metric = "delta1"
     latency_fields = {"p50_ms": "t_pair_p50_ms", "p95_ms": "t_pair_p95_ms", "per_sec": "pairs_per_sec"}
+    result_columns = (
+        ("exp_id", "exp_id"), ("combo", "combo"), ("rho", "ρ"), ("T", "T"), ("beta", "β"), ("gamma", "γ"),
+        ("bits", "bits W/A"), ("params_M", "params (M)"), ("flops_G", "GFLOPs"), ("size_MB", "size (MB)"),
+        ("vram_GB", "VRAM (GB)"), ("absrel", "AbsRel ↓"), ("delta1", "δ1 ↑"), ("rmse", "RMSE ↓"), ("chamfer", "Chamfer ↓"),
+        ("t_pair_p50_ms", "p50 (ms)"), ("t_pair_p95_ms", "p95 (ms)"), ("pairs_per_sec", "pairs/s"),
+        ("t_scene_s", "t_scene (s)"), ("gpu_hours", "GPU-h"),
+    )
+    latex_columns = ("exp_id", "combo", "params_M", "flops_G", "size_MB", "absrel", "delta1", "chamfer",
+                     "t_pair_p50_ms", "pairs_per_sec", "gpu_hours")
+    quality_labels = {"delta1": "δ1 (share of pixels within 1.25×)", "absrel": "AbsRel", "rmse": "RMSE",
+                      "chamfer": "Chamfer distance"}
+    summary_columns = (("delta1", "δ1", ".4f"), ("absrel", "absrel", ".4f"), ("t_pair_p50_ms", "p50 ms", ".1f"),
+                       ("params_M", "params M", ".2f"))
 
     def load_model(self, path: str | Path, device: str = "cpu") -> torch.nn.Module:
         from pqk.models.dust3r import load_checkpoint
@@ -84,6 +97,16 @@ class Dust3rTask(Task):
         shape = torch.tensor([[height, width]] * batch, dtype=torch.int32)
         return ({"img": torch.randn(batch, 3, height, width, generator=gen), "true_shape": shape},
                 {"img": torch.randn(batch, 3, height, width, generator=gen), "true_shape": shape.clone()})
+
+    def detail_rows(self, details: dict) -> list[tuple[str, str, str]]:
+        rows = []
+        real = details.get("real_check_motorcycle")
+        if real:
+            rows.append(("real check", "motorcycle absrel / delta1", f"{real['absrel']:.4f} / {real['delta1']:.4f}"))
+        for group, key in (("baseline", "baselines"), ("real baseline", "baselines_motorcycle")):
+            for name, base in (details.get(key) or {}).items():
+                rows.append((group, f"{name} absrel / delta1", f"{base['absrel']:.4f} / {base['delta1']:.4f}"))
+        return rows
 
     def evaluation_shape(self, workload_path: Path | None, notes: list[str]) -> dict:
         from pqk.tasks.dust3r.workload import evaluation_shape
