@@ -75,6 +75,7 @@ def test_clip_plan_distills_and_quantizes(project):
         "student": student, "train": {"n_train": 128, "n_val": 32, "epochs": 1, "batch_size": 32, "warmup_steps": 1},
         "runs": {"K-1": {}}}))
     (configs / "quant.yaml").write_text("calibration: {size: 16}\n")
+    (configs / "prune.yaml").write_text("rho: 0.5\nfinetune: {n_train: 64, n_val: 16, epochs: 1, batch_size: 32, warmup_steps: 1}\n")
     plan = project / "plan.yaml"
     plan.write_text(f"""name: clip_tiny
 task: clip
@@ -85,13 +86,17 @@ gate_policy: record
 experiments:
   - {{id: baseline, steps: []}}
   - {{id: K, steps: [{{method: distill, config: {configs / 'distill.yaml'}}}]}}
+  - {{id: P, steps: [{{method: prune, config: {configs / 'prune.yaml'}}}]}}
   - id: KQ
     steps: [{{method: distill, config: {configs / 'distill.yaml'}}}, {{method: quantize, config: {configs / 'quant.yaml'}}}]
 """)
     _ok(CliRunner().invoke(app, ["run", str(plan), "--out", str(project / "runs"), "--repeats", "5", "--no-report"]))
     run = project / "runs" / "clip_tiny"
     rows = {r["exp_id"]: r for r in csv.DictReader((run / "result_table.csv").open())}
-    assert set(rows) == {"P0_teacher_run1", "K_K1_run1", "KQ_PTQ_run1"}, set(rows)
+    assert set(rows) == {"P0_teacher_run1", "K_K1_run1", "P_r050_run1", "KQ_PTQ_run1"}, set(rows)
+    pruned = rows["P_r050_run1"]
+    assert float(pruned["params_M"]) < float(rows["P0_teacher_run1"]["params_M"]) and pruned["rho"] == "0.5"
+    assert "gate P4" in pruned["notes"]
     kq = rows["KQ_PTQ_run1"]
     assert kq["bits_w"] == "8" and float(kq["size_MB"]) < float(rows["K_K1_run1"]["size_MB"])
     assert float(kq["params_M"]) == float(rows["K_K1_run1"]["params_M"])  # the float model is counted
@@ -99,6 +104,8 @@ experiments:
     assert "gate P3" in kq["notes"]
     _ok(CliRunner().invoke(app, ["report", str(run), "--no-estimate"]))
     assert (run / "report" / "report.html").is_file()
+    results = (run / "report" / "results.md").read_text()
+    assert "| R mean ↑ |" in results and "| KQ_PTQ_run1 | KQ |" in results  # the family's own columns
 
 
 @pytest.mark.parametrize("case", ["dust3r-checkpoint", "unknown-family", "empty-captions", "missing-image", "not-an-image"])

@@ -67,11 +67,11 @@ def test_zero_shot_and_vqa():
 
 
 def test_methods_are_per_family():
-    assert set(method_names("clip")) == {"distill", "prune", "quantize"}
+    assert set(method_names("clip")) == {"cmapkd", "distill", "prune", "quantize"}
     assert "joint" in method_names("dust3r")
     assert get_method("distill", "clip") is not get_method("distill", "dust3r")
     assert get_method("distill", "clip").families == ("clip",)
-    with pytest.raises(ConfigError, match="no implementation for the clip family; accepted for clip: distill, prune, quantize"):
+    with pytest.raises(ConfigError, match="no implementation for the clip family; accepted for clip: distill, prune, quantize, cmapkd"):
         get_method("joint", "clip")
 
 

@@ -124,7 +124,8 @@ def _load_teacher(teacher: Any, plan: Plan, task: Task, notes: list[str]) -> tup
         if path is None:
             path, _ = task.default_model()
             notes.append("teacher: the bundled 5.2M-parameter DUSt3R (pass --teacher for the official ViT-Large, "
-                         "which the plan document's estimates are for)")
+                         "which the plan document's estimates are for)" if task.name == "dust3r" else
+                         f"teacher: the bundled {task.name} teacher (pass --teacher for your own)")
         if not Path(path).exists():
             raise InputError(f"--teacher {path} does not exist")
         module, name = task.load_model(path, device="cpu"), "teacher"

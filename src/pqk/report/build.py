@@ -7,7 +7,9 @@ Writes into RUN_DIR/report/:
 - stages.png  — params, FLOPs, size and p50 latency per experiment relative to the teacher;
 - report.html — all of it on one page: images as base64 data URIs, no external asset;
 - budget_estimate.json — the `pqk budget` figures the budget table used (reused next time
-  while the plan, device, rate and budget are the same).
+  while the plan, device, rate and budget are the same);
+- fig3-fig6 PNGs and a CMAPKD section (seed 004's Tables 2-5) when the run has cmapkd records
+  (pqk.report.cmapkd).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 from pqk.errors import InputError
 from pqk.pipeline.record import Record, atomic_write_text, ensure_writable_dir, write_json
+from pqk.report.cmapkd import SECTION_TITLE as CMAPKD_TITLE, cmapkd_section
 from pqk.report.plots import plot_pareto, plot_stages
 from pqk.report.rundata import REPORT_DIR, Gate, RunData, finite, load_run
 from pqk.report.tables import Table, fmt, fmt_pct, full_table, results_table
@@ -279,7 +282,10 @@ def build_report(
     est = resolve_estimate(data, folder, estimate, gpu=gpu, rate=rate, budget=budget, compute=compute_estimate, log=say)
     if not data.log:
         data.notes.append("no execution_log.jsonl in the run folder: the daily log is empty")
+    cmapkd = cmapkd_section(run_dir, data.records, folder, evals=data.evals, files=files)  # None: no cmapkd records
+    data.notes.extend(cmapkd[3] if cmapkd else [])
     page = _Page(data, run_dir, metric, pareto, files, est)
+    page.cmapkd = cmapkd
     files["results.md"] = folder / "results.md"
     atomic_write_text(files["results.md"], page.markdown())
     files["results.tex"] = folder / "results.tex"
@@ -293,6 +299,8 @@ def build_report(
 
 class _Page:
     """The report's tables and texts, written as Markdown, LaTeX and one self-contained HTML page."""
+
+    cmapkd: tuple[str, str, str, list[str]] | None = None  # the CMAPKD section (markdown, latex, html, notes)
 
     def __init__(self, data: RunData, run_dir: str | Path, metric: str, pareto: dict, files: dict, est: dict | None):
         self.data, self.run_dir, self.metric, self.pareto, self.files = data, run_dir, metric, pareto, files
@@ -319,6 +327,8 @@ class _Page:
             md.append("\n## Resources relative to the teacher\n\n![stages](stages.png)\n")
         if self.joint is not None:
             md += ["\n## Joint PQK vs sequential P→K→Q\n", self.joint.markdown(), f"\n{self.joint.caption}\n"]
+        if self.cmapkd is not None:
+            md += [f"\n## {CMAPKD_TITLE}\n", self.cmapkd[0]]
         md += ["\n## Gate verdicts\n", self.gates.markdown()]
         if self.budget_tab is not None:
             md += ["\n## Budget: estimate vs spent\n", self.budget_tab.markdown(), f"\n{self.budget_tab.caption}\n"]
@@ -331,7 +341,7 @@ class _Page:
         tex_results = results_table(self.data.records, latex=True, task=self.data.task)
         tex_results.caption = f"Results of plan {self.plan_name} on the frozen workload"
         return ("% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(self.plan_name)}-results")
-                + "\n" + _latex_gates(self.gates, self.plan_name))
+                + "\n" + _latex_gates(self.gates, self.plan_name) + ("\n" + self.cmapkd[1] if self.cmapkd else ""))
 
     def html(self) -> str:
         data, files = self.data, self.files
@@ -344,6 +354,8 @@ class _Page:
             sections.append(("Resources relative to the teacher", _img(files["stages.png"], "relative resources")))
         if self.joint is not None:
             sections.append(("Joint PQK vs sequential P→K→Q", self.joint.html()))
+        if self.cmapkd is not None:
+            sections.append((CMAPKD_TITLE, self.cmapkd[2]))
         sections.append(("Gate verdicts", _gate_html(self.gates)))
         if self.budget_tab is not None:
             sections.append(("Budget: estimate vs spent", self.budget_tab.html()))

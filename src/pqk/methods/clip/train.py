@@ -93,22 +93,71 @@ def val_r_mean(model, val, tokens: torch.Tensor, owner: list[int]) -> float:
     return retrieval_recalls(image_features(model, val.images), text, owner)["r_mean"]
 
 
-def _kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) at temperature T over the image→text rows and the text→image rows
+    of the batch's similarity logits, averaged (Hinton KD where a dual encoder has logits)."""
     def kl(s, t):
         return F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), log_target=True, reduction="batchmean")
 
     return 0.5 * T * T * (kl(student_logits, teacher_logits) + kl(student_logits.t(), teacher_logits.t()))
 
 
+@dataclass
+class Batch:
+    """One training step's data: images (normalised), the student's and the teacher's token ids of
+    one caption per image, and which images and captions of the training set they are."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    teacher_tokens: torch.Tensor | None
+    index: torch.Tensor
+    caption: torch.Tensor
+
+
+class Objective:
+    """What a student is trained on. The default is the plain baseline: the contrastive task loss
+    plus Hinton KD on the teacher's similarity logits (teacher embeddings computed once). Other
+    objectives (CMAPKD, FitNet, CLIP-KD) override `prepare`, `loss` and, when they train modules
+    of their own, `modules` and `lr_scale`."""
+
+    needs_teacher_tokens = False
+
+    def __init__(self, spec: ClipTrainSpec):
+        self.spec = spec
+        self.modules = torch.nn.ModuleDict()  # trained beside the student, saved in the step's state
+
+    def prepare(self, teacher, train, captions: list[str], log: Callable[[str], None]) -> None:
+        if self.spec.kd_weight <= 0:
+            return
+        log(f"teacher targets: {len(train.images)} images, {len(captions)} captions")
+        teacher.eval()
+        self.t_image = F.normalize(image_features(teacher, train.images), dim=-1)
+        self.t_text = teacher_text_features(teacher, captions)
+        self.t_scale = teacher.logit_scale.detach().exp().item()
+
+    def lr_scale(self, epoch: int, group: str) -> float:
+        return 1.0
+
+    def loss(self, student, teacher, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict]:
+        logits, _ = student(batch.images, batch.tokens)
+        loss = self.spec.task_weight * clip_loss(logits)
+        if self.spec.kd_weight > 0:
+            teacher_logits = self.t_scale * self.t_image[batch.index] @ self.t_text[batch.caption].t()
+            loss = loss + self.spec.kd_weight * logit_kd(logits, teacher_logits, self.spec.T)
+        return loss, {}
+
+
 def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Callable[[str], None] = print,
-                  resume: bool = True) -> tuple[Any, list[dict], float]:
-    """Train `student` (in place) against `teacher`; returns (student, history, wall hours)."""
+                  resume: bool = True, objective: Objective | None = None) -> tuple[Any, list[dict], float]:
+    """Train `student` (in place) against `teacher` on `objective` (default: task loss + logit KD);
+    returns (student, history, wall hours)."""
     from pqk.data.captions import generate_caption_set
     from pqk.io.files import atomic_torch_save
     from pqk.models.clip.family import image_resolution, text_tokenizer
     from pqk.tasks.clip.measure import model_inputs
 
     start = time.perf_counter()
+    objective = objective or Objective(spec)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     res = image_resolution(student)
@@ -119,17 +168,14 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
     starts = torch.cumsum(counts, 0) - counts
     tokenize = text_tokenizer(student)
     tokens = tokenize(captions)
+    teacher_tokens = text_tokenizer(teacher)(captions) if objective.needs_teacher_tokens else None
     val_owner = [i for i, caps in enumerate(val.captions) for _ in caps]
     val_tokens = tokenize([c for caps in val.captions for c in caps])
-    use_teacher = spec.kd_weight > 0
-    if use_teacher:
-        log(f"teacher targets: {len(train.images)} images, {len(captions)} captions")
-        teacher.eval()
-        t_image = F.normalize(image_features(teacher, train.images), dim=-1)
-        t_text = teacher_text_features(teacher, captions)
-        t_scale = teacher.logit_scale.detach().exp().item()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    objective.prepare(teacher, train, captions, log)
+    groups = [("student", [p for p in student.parameters() if p.requires_grad])]
+    groups += [(name, list(module.parameters())) for name, module in objective.modules.items()]
+    params = [p for _, group in groups for p in group]
+    opt = torch.optim.AdamW([{"params": g, "name": n} for n, g in groups], lr=spec.lr, weight_decay=spec.weight_decay)
     per_epoch = max(1, len(train.images) // spec.batch_size)
     total = per_epoch * spec.epochs
     step, history = 0, []
@@ -137,6 +183,7 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
     if resume and state_file.is_file():
         state = torch.load(state_file, weights_only=False)
         student.load_state_dict(state["model"])
+        objective.modules.load_state_dict(state.get("objective", {}))
         opt.load_state_dict(state["opt"])
         step, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"])
@@ -147,13 +194,13 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
         idx = order[k * spec.batch_size:(k + 1) * spec.batch_size]
         pick = starts[idx] + (torch.rand(len(idx)) * counts[idx]).long()
         student.train()
+        objective.modules.train()
         lr = warmup_cosine(step, total, spec.warmup_steps, spec.lr)
         for group in opt.param_groups:
-            group["lr"] = lr
-        logits, _ = student(model_inputs(train.images[idx]), tokens[pick])
-        loss = spec.task_weight * clip_loss(logits)
-        if use_teacher:
-            loss = loss + spec.kd_weight * _kd(logits, t_scale * t_image[idx] @ t_text[pick].t(), spec.T)
+            group["lr"] = lr * objective.lr_scale(epoch, group["name"])
+        batch = Batch(model_inputs(train.images[idx]), tokens[pick],
+                      None if teacher_tokens is None else teacher_tokens[pick], idx, pick)
+        loss, logs = objective.loss(student, teacher, batch, epoch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,11 +209,12 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
             student.logit_scale.clamp_(0, 4.6052)
         step += 1
         if step % per_epoch == 0:
-            history.append({"epoch": step // per_epoch, "loss": loss.item(), "lr": lr,
+            history.append({"epoch": step // per_epoch, "loss": loss.item(), "lr": lr, **logs,
                             "val_r_mean": val_r_mean(student, val, val_tokens, val_owner)})
             last = history[-1]
             log(f"epoch {last['epoch']}/{spec.epochs}: loss {last['loss']:.3f}, val R mean {last['val_r_mean']:.3f}")
-            atomic_torch_save({"model": student.state_dict(), "opt": opt.state_dict(), "step": step,
-                               "history": history, "rng": torch.get_rng_state()}, state_file)
+            atomic_torch_save({"model": student.state_dict(), "objective": objective.modules.state_dict(),
+                               "opt": opt.state_dict(), "step": step, "history": history,
+                               "rng": torch.get_rng_state()}, state_file)
     student.eval()
     return student, history, (time.perf_counter() - start) / 3600.0

@@ -26,6 +26,18 @@ class ClipTask(Task):
     main_metric = "r_mean"
     latency_fields = {"p50_ms": "t_image_p50_ms", "p95_ms": "t_image_p95_ms", "per_sec": "images_per_sec"}
     default_workload = DEFAULT_WORKLOAD
+    result_columns = (
+        ("exp_id", "exp_id"), ("combo", "combo"), ("rho", "ρ"), ("T", "T"), ("bits", "bits W/A"),
+        ("params_M", "params (M)"), ("flops_G", "GFLOPs"), ("size_MB", "size (MB)"),
+        ("r1_i2t", "R@1 i→t"), ("r5_i2t", "R@5 i→t"), ("r10_i2t", "R@10 i→t"), ("r1_t2i", "R@1 t→i"),
+        ("r5_t2i", "R@5 t→i"), ("r10_t2i", "R@10 t→i"), ("r_mean", "R mean ↑"), ("zs_top1", "ZS top-1"),
+        ("zs_top5", "ZS top-5"), ("vqa_acc", "VQA"), ("t_image_p50_ms", "image p50 (ms)"),
+        ("t_text_p50_ms", "text p50 (ms)"), ("images_per_sec", "images/s"), ("gpu_hours", "GPU-h"),
+    )
+    latex_columns = ("exp_id", "combo", "params_M", "flops_G", "size_MB", "r1_i2t", "r1_t2i", "r_mean", "zs_top1",
+                     "vqa_acc", "t_image_p50_ms", "gpu_hours")
+    quality_labels = {"r_mean": "mean of R@1/5/10 both ways", "r1_i2t": "R@1 image→text", "r1_t2i": "R@1 text→image",
+                      "zs_top1": "zero-shot top-1", "vqa_acc": "VQA accuracy"}
     # What a one-screen summary shows (column, label, format): `pqk eval`, `pqk run`'s table.
     summary_columns = (("r_mean", "R mean", ".4f"), ("zs_top1", "ZS top-1", ".4f"), ("t_image_p50_ms", "img p50 ms", ".2f"),
                        ("params_M", "params M", ".2f"))
