@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pqk.methods.cmapkd.alsn import (
-    ALSN, Stage, entropy_diversity, manual_weights, one_stage_schedule, progressive_schedule,
+    ALSN, Stage, entropy_diversity, manual_weights, one_stage_schedule, progressive_schedule, refinement_epochs,
     stage_at, uniform_weights, weight_bounds,
 )
 from pqk.methods.cmapkd.pyramid import UCMP, LanguageHierarchy, PyramidOutput, VisualPyramid
@@ -175,34 +175,37 @@ def test_fixed_weights_and_entropy():
 
 
 def test_progressive_schedule_is_table1():
-    s = progressive_schedule(25)
+    s = progressive_schedule(20)  # Table 1: 20 student epochs, then 5 of ALSN alone
     assert s == [
         Stage("coarse", 5, (3,), (3,), 1.0, "uniform"),
         Stage("medium", 5, (2, 3), (2, 3), 0.6, "uniform"),
         Stage("fine", 10, (0, 1, 2, 3), (0, 1, 2, 3), 0.2, "joint"),
         Stage("alsn", 5, (0, 1, 2, 3), (0, 1, 2, 3), 2.0, "frozen-backbone"),
     ]
+    assert refinement_epochs(s) == 5 and refinement_epochs(progressive_schedule(20, refine_alsn=False)) == 0
 
 
 @pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 6, 7, 9, 10, 13, 50, 101])
-def test_scaled_schedule_sums(total):
+def test_scaled_schedule_gives_the_student_its_epochs_then_alsn_a_quarter_more(total):
     s = progressive_schedule(total)
-    assert sum(st.epochs for st in s) == total
+    student = [st for st in s if st.alsn != "frozen-backbone"]
+    assert sum(st.epochs for st in student) == total
     assert all(st.epochs >= 1 for st in s)
-    if total >= 4:
+    assert refinement_epochs(s) == (total * 5 * 2 + 20) // 40  # total / 4, rounded half up
+    if total >= 3:
         assert [st.name for st in s] == ["coarse", "medium", "fine", "alsn"]
-    assert progressive_schedule(50)[2].epochs == 20
+    assert progressive_schedule(40)[2].epochs == 20
 
 
-def test_short_schedules_drop_alsn_first():
-    assert [st.name for st in progressive_schedule(3)] == ["coarse", "medium", "fine"]
+def test_short_schedules_drop_stages():
+    assert [st.name for st in progressive_schedule(2)] == ["coarse", "fine", "alsn"]
     assert [st.name for st in progressive_schedule(1)] == ["fine"]
     with pytest.raises(ValueError):
         progressive_schedule(0)
 
 
 def test_stage_at_boundaries():
-    s = progressive_schedule(25)
+    s = progressive_schedule(20)
     names = [stage_at(s, e).name for e in (0, 4, 5, 9, 10, 19, 20, 24, 25, 100)]
     assert names == ["coarse", "coarse", "medium", "medium", "fine", "fine", "alsn", "alsn", "alsn", "alsn"]
     one = one_stage_schedule(12)

@@ -179,3 +179,21 @@ def test_report_gets_the_section(tmp_path: Path) -> None:
     page = (report.folder / "report.html").read_text()
     assert SECTION_TITLE in page and page.count("data:image/png;base64") >= 5
     assert all(name in report.files and report.files[name].is_file() for name in FIGURES)
+
+
+def test_main_comparison_pairs_seeds_and_says_beats_trails_or_noise(tmp_path: Path) -> None:
+    from pqk.report.cmapkd import comparison
+
+    run = _run(tmp_path)
+    for seed, r1 in ((43, 0.80), (44, 0.70)):  # Scratch's two further seeds: 0.60, 0.80, 0.70
+        _add(run, _record(f"K_Scratch_s{seed}_run1", "K", r1), _step("Scratch", seed))
+    for seed, r1 in ((43, 0.60), (44, 0.61)):  # KD: 0.65, 0.60, 0.61, behind CMAPKD on every seed
+        _add(run, _record(f"K_KD_s{seed}_run1", "K", r1), _step("KD", seed))
+    lines = comparison(cmapkd_rows(run, _records(run)))
+    assert len(lines) == 2  # FitNet and CLIP-KD have one seed: no paired comparison
+    scratch, kd = lines
+    # CMAPKD 0.70, 0.74, 0.75 vs Scratch 0.60, 0.80, 0.70: differences +0.10, -0.06, +0.05
+    assert scratch.startswith("CMAPKD − Scratch over 3 paired seeds: I→T R@1 +0.030 ± 0.082")
+    assert "within seed noise of Scratch" in scratch
+    assert "I→T R@1 +0.110 ± 0.052 (CMAPKD beats KD)" in kd
+    assert comparison([r for r in cmapkd_rows(run, _records(run)) if r.run != "CMAPKD"]) == []

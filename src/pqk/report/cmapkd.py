@@ -171,6 +171,35 @@ def table5(rows: list[CmapkdRow], teacher: Any) -> Table:
                  caption=f"Table 5: efficiency (batch 1); Params ↓ and Speed ↑ vs the teacher record; {_SEEDS_NOTE}")
 
 
+def comparison(rows: list[CmapkdRow], keys: tuple[str, ...] = ("r1_i2t", "r1_t2i")) -> list[str]:
+    """The main comparison in words: CMAPKD against every other Table 2 run that shares two or more
+    of its seeds, per R@1 direction, paired by seed. CMAPKD "beats" a run when it is ahead on every
+    shared seed, "trails" it when behind on every one, else the difference is within seed noise."""
+    by_run = {r.run: r for r in rows}
+    full = by_run.get("CMAPKD")
+    if full is None:
+        return []
+    lines = []
+    for other in (r for r in rows if r.run not in ABLATIONS and r.run != "CMAPKD"):
+        theirs = {seed: rec for seed, rec, _ in other.members if seed is not None}
+        pairs = [(rec, theirs[seed]) for seed, rec, _ in full.members if seed in theirs]
+        if len(pairs) < 2:
+            continue
+        parts = []
+        for key in keys:
+            diffs = [a - b for rec, ref in pairs
+                     if (a := finite(getattr(rec, key, None))) is not None and (b := finite(getattr(ref, key, None))) is not None]
+            if len(diffs) < 2:
+                continue
+            mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+            word = "beats" if min(diffs) > 0 else "trails" if max(diffs) < 0 else "is within seed noise of"
+            name = "I→T R@1" if key == "r1_i2t" else "T→I R@1" if key == "r1_t2i" else key
+            parts.append(f"{name} {mean:+.3f} ± {sd:.3f} (CMAPKD {word} {other.run})")
+        if parts:
+            lines.append(f"CMAPKD − {other.run} over {len(pairs)} paired seeds: " + "; ".join(parts))
+    return lines
+
+
 # --- Figures 3-6 --------------------
 def _matrix(raw: Any, n_rows: int | None = None, width: int = 4) -> list[list[float]]:
     rows = [[float(x) for x in row] for row in raw]
@@ -335,6 +364,12 @@ def cmapkd_section(run_dir: str | Path, records: list, folder: str | Path, *, ev
     seeds = "; ".join(f"{r.run}: {', '.join('—' if s is None else str(s) for s in r.seeds)}" for r in rows)
     md, tex = [f"Runs and seeds: {seeds}.\n"], ["% CMAPKD Tables 2-5 (booktabs) and Figures 3-6 (graphicx)"]
     htm = [f"<p>Runs and seeds: {html.escape(seeds)}.</p>"]
+    said = comparison(rows)
+    if said:
+        md += ["Main comparison (differences paired by seed, mean ± sample std; \"beats\" = ahead on every seed):\n",
+               *(f"- {line}" for line in said), ""]
+        htm.append("<p>Main comparison (differences paired by seed, mean ± sample std; “beats” = ahead on every "
+                   "seed):</p><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in said) + "</ul>")
     for k, t in enumerate(tables, start=2):
         md += [f"\n**{t.caption}**\n", t.markdown()]
         tex.append(t.latex(f"tab:cmapkd-table{k}"))

@@ -121,18 +121,27 @@ class Objective:
     of their own, `modules` and `lr_scale`."""
 
     needs_teacher_tokens = False
+    extra_epochs = 0  # epochs after the student's own in which only the objective's modules train
 
     def __init__(self, spec: ClipTrainSpec):
         self.spec = spec
         self.modules = torch.nn.ModuleDict()  # trained beside the student, saved in the step's state
 
     def prepare(self, teacher, train, captions: list[str], log: Callable[[str], None]) -> None:
-        if self.spec.kd_weight <= 0:
-            return
-        log(f"teacher targets: {len(train.images)} images, {len(captions)} captions")
+        if self.spec.kd_weight > 0:
+            self.keep_teacher_embeddings(teacher, train, captions, log)
+
+    def keep_teacher_embeddings(self, teacher, train, captions: list[str], log: Callable[[str], None]) -> None:
+        """self.t_image, self.t_text: the teacher's normalised embeddings of every training image
+        and caption (computed once per teacher and set: `teacher_cache`); self.t_scale its logit scale."""
+        from pqk.methods.clip.teacher_cache import kept, set_key
+
+        def compute():
+            log(f"teacher targets: {len(train.images)} images, {len(captions)} captions")
+            return F.normalize(image_features(teacher, train.images), dim=-1), teacher_text_features(teacher, captions)
+
         teacher.eval()
-        self.t_image = F.normalize(image_features(teacher, train.images), dim=-1)
-        self.t_text = teacher_text_features(teacher, captions)
+        self.t_image, self.t_text = kept(teacher, "embeddings", set_key(train.images, captions), compute, log)
         self.t_scale = teacher.logit_scale.detach().exp().item()
 
     def lr_scale(self, epoch: int, group: str) -> float:
@@ -177,7 +186,8 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
     params = [p for _, group in groups for p in group]
     opt = torch.optim.AdamW([{"params": g, "name": n} for n, g in groups], lr=spec.lr, weight_decay=spec.weight_decay)
     per_epoch = max(1, len(train.images) // spec.batch_size)
-    total = per_epoch * spec.epochs
+    student_steps = per_epoch * spec.epochs
+    total = per_epoch * (spec.epochs + objective.extra_epochs)
     step, history = 0, []
     state_file = Path(out_dir) / "train_state.pth"
     if resume and state_file.is_file():
@@ -195,7 +205,8 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
         pick = starts[idx] + (torch.rand(len(idx)) * counts[idx]).long()
         student.train()
         objective.modules.train()
-        lr = warmup_cosine(step, total, spec.warmup_steps, spec.lr)
+        # the student's LR schedule spans its own epochs; the objective's extra epochs run at the peak LR
+        lr = warmup_cosine(step, student_steps, spec.warmup_steps, spec.lr) if step < student_steps else spec.lr
         for group in opt.param_groups:
             group["lr"] = lr * objective.lr_scale(epoch, group["name"])
         batch = Batch(model_inputs(train.images[idx]), tokens[pick],
@@ -212,7 +223,7 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
             history.append({"epoch": step // per_epoch, "loss": loss.item(), "lr": lr, **logs,
                             "val_r_mean": val_r_mean(student, val, val_tokens, val_owner)})
             last = history[-1]
-            log(f"epoch {last['epoch']}/{spec.epochs}: loss {last['loss']:.3f}, val R mean {last['val_r_mean']:.3f}")
+            log(f"epoch {last['epoch']}/{spec.epochs + objective.extra_epochs}: loss {last['loss']:.3f}, val R mean {last['val_r_mean']:.3f}")
             atomic_torch_save({"model": student.state_dict(), "objective": objective.modules.state_dict(),
                                "opt": opt.state_dict(), "step": step, "history": history,
                                "rng": torch.get_rng_state()}, state_file)

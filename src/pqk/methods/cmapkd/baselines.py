@@ -22,8 +22,22 @@ def _embed_dim(model) -> int:
     return int(model.visual.proj.shape[1])
 
 
+def _teacher_hints(teacher, images) -> torch.Tensor:
+    """The teacher's hint layer for every (uint8) training image, in the cache's fixed chunks."""
+    from pqk.methods.clip.teacher_cache import in_chunks
+    from pqk.tasks.clip.measure import model_inputs
+
+    with torch.no_grad():
+        return torch.cat(in_chunks(len(images), lambda part: _hint_layer(teacher, model_inputs(images[part]))[1]))
+
+
+def _hint_layer(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_image's output and the image tower's middle block (FitNet's matched layer)."""
+    features, hidden = model.encode_image(images, return_hidden=True)
+    return features, hidden[(len(hidden) - 1) // 2]
+
+
 class FitNetObjective(Objective):
-    needs_teacher_tokens = True
 
     def __init__(self, spec: ClipTrainSpec, teacher, student, hint_weight: float = 1.0):
         super().__init__(spec)
@@ -31,17 +45,27 @@ class FitNetObjective(Objective):
         self.modules["regressor"] = nn.Linear(student.visual.transformer.width, teacher.visual.transformer.width)
 
     def prepare(self, teacher, train, captions, log) -> None:
+        from pqk.methods.clip.teacher_cache import fits, kept, set_key
+
         teacher.eval()
+        tokens, width = teacher.visual.positional_embedding.shape
+        self.t_hint = None  # None: the teacher's hint layer is computed per batch (a set too large to keep)
+        if fits(len(train.images) * tokens * width * 4):
+            self.t_hint = kept(teacher, "fitnet-hint", set_key(train.images, []),
+                               lambda: _teacher_hints(teacher, train.images), log)
 
     def loss(self, student, teacher, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict]:
         from pqk.methods.cmapkd.losses import fitnet_hint
 
-        with torch.no_grad():
-            _, t_hidden = teacher.encode_image(batch.images, return_hidden=True)
-        s_image, s_hidden = student.encode_image(batch.images, return_hidden=True)
+        if self.t_hint is not None:
+            t_hint = self.t_hint[batch.index]
+        else:
+            with torch.no_grad():
+                t_hint = _hint_layer(teacher, batch.images)[1]
+        s_image, s_hint = _hint_layer(student, batch.images)
         s_text = student.encode_text(batch.tokens)
         logits = student.logit_scale.exp() * F.normalize(s_image, dim=-1) @ F.normalize(s_text, dim=-1).t()
-        hint = fitnet_hint(s_hidden[(len(s_hidden) - 1) // 2], t_hidden[(len(t_hidden) - 1) // 2], self.modules["regressor"])
+        hint = fitnet_hint(s_hint, t_hint, self.modules["regressor"])
         task = clip_loss(logits)
         return self.spec.task_weight * task + self.hint_weight * hint, {"loss_hint": hint.item(), "loss_task": task.item()}
 
@@ -55,12 +79,7 @@ class ClipKDObjective(Objective):
         self.modules["text_projector"] = nn.Linear(_embed_dim(student), _embed_dim(teacher))
 
     def prepare(self, teacher, train, captions, log) -> None:
-        from pqk.methods.clip.train import image_features, teacher_text_features
-
-        log(f"teacher targets: {len(train.images)} images, {len(captions)} captions")
-        teacher.eval()  # frozen: its embeddings of the training set are computed once
-        self.t_image = F.normalize(image_features(teacher, train.images), dim=-1)
-        self.t_text = teacher_text_features(teacher, captions)
+        self.keep_teacher_embeddings(teacher, train, captions, log)
 
     def loss(self, student, teacher, batch: Batch, epoch: int) -> tuple[torch.Tensor, dict]:
         from pqk.methods.cmapkd.losses import affinity_mimic, feature_mimic

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pqk.methods.clip.train import Batch, ClipTrainSpec, Objective, image_features, teacher_text_features
+from pqk.methods.clip.train import Batch, ClipTrainSpec, Objective
 from pqk.methods.cmapkd.baselines import _embed_dim
 from pqk.methods.cmapkd.losses import clip_task_loss, feature_mimic, hinton_kd, relation_sample
 
@@ -72,11 +72,7 @@ class _TeacherEmbeddings(Objective):
     """Teacher's normalised embeddings of every training image and caption, computed once."""
 
     def prepare(self, teacher, train, captions: list[str], log: Callable[[str], None]) -> None:
-        log(f"teacher targets: {len(train.images)} images, {len(captions)} captions")
-        teacher.eval()
-        self.t_image = F.normalize(image_features(teacher, train.images), dim=-1)
-        self.t_text = teacher_text_features(teacher, captions)
-        self.t_scale = teacher.logit_scale.detach().exp().item()
+        self.keep_teacher_embeddings(teacher, train, captions, log)
 
     def teacher_logits(self, batch: Batch) -> Tensor:
         return self.t_scale * self.t_image[batch.index] @ self.t_text[batch.caption].t()

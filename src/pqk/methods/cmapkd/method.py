@@ -69,13 +69,22 @@ def _run_spec(config: Path, data: dict, run: str, seed: int | None) -> CmapkdRun
     check_choice(f"{config}: run {run}: alsn", flags.get("alsn", "adaptive"), ALSN_MODES)
     check_choice(f"{config}: run {run}: schedule", flags.get("schedule", "progressive"), SCHEDULES)
     common = data.get("cmapkd") or {}
+    if not isinstance(common, dict) or set(common) - {"channels", "stage_lr", "weights"}:
+        raise ConfigError(f"{config}: the cmapkd section accepts channels, stage_lr, weights")
     weights = common.get("weights") or {}
     known = {f.name for f in fields(LossWeights)}
     if not isinstance(weights, dict) or set(weights) - known:
         raise ConfigError(f"{config}: cmapkd.weights accepts {', '.join(sorted(known))}")
     spec = CmapkdSpec(train=_train_spec(train, f"{config}: run {run}"), channels=int(common.get("channels", 64)),
+                      stage_lr=_flag(common.get("stage_lr", True), f"{config}: cmapkd.stage_lr"),
                       weights=LossWeights(**{k: float(v) for k, v in weights.items()}), **flags)
     return CmapkdRun(run, objective, dict(data["student"]), spec)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} = {value!r} is not accepted; accepted: true, false")
+    return value
 
 
 @register
@@ -107,6 +116,9 @@ class Cmapkd(Method):
         from pqk.models.clip import CLIP
 
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        # the plan's teacher, not the step's entering model: the student is built fresh from the config,
+        # and ctx.teacher is the one object every run shares (its targets are computed once: teacher_cache)
+        model = ctx.teacher
         train = spec.spec.train.scaled(ctx.budget)
         torch.manual_seed(train.seed)
         student = CLIP(**spec.student)
@@ -117,8 +129,8 @@ class Cmapkd(Method):
         path = ctx.family.save_model(student, ctx.out_dir / "student.safetensors",
                                      history=[{"step": "cmapkd", "run": spec.name, "seed": train.seed}])
         details = {"run": spec.name, "objective": spec.objective, "seed": train.seed, "train": history,
-                   "spec": {**train.__dict__, "channels": spec.spec.channels}}
-        if spec.objective == "cmapkd":
+                   "spec": {**train.__dict__, "channels": spec.spec.channels, "stage_lr": spec.spec.stage_lr}}
+        if spec.objective == "cmapkd" and _is_full_method(spec.spec):  # Figures 3-6 are the full method's
             details["figures"] = _figures(objective, model, student, train)
         return StepResult(model=student, artifact=path, device_hours=hours, fields={"T": train.T if train.kd_weight else None},
                           details=details)
@@ -126,6 +138,12 @@ class Cmapkd(Method):
     def keyparams(self, options: Mapping[str, Any], result: StepResult | None) -> str:
         tag = str(options.get("run", "CMAPKD")).replace("-", "").replace("_", "")
         return tag + (f"_s{options['seed']}" if options.get("seed") is not None else "")
+
+
+def _is_full_method(spec) -> bool:
+    """No ablation flag set (the CMAPKD run, at any seed)."""
+    return (spec.visual_pyramid and spec.language_hierarchy and spec.alsn == "adaptive" and spec.align
+            and spec.relation and spec.schedule == "progressive")
 
 
 def _figures(objective, teacher, student, train) -> dict:

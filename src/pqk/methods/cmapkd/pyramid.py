@@ -197,15 +197,22 @@ class UCMP(nn.Module):
 
     def forward(self, vision_taps: Sequence[Tensor], grid: int, text_taps: Sequence[Tensor],
                 mask: Tensor, pooled: Tensor) -> PyramidOutput:
-        mask = mask.bool()
+        visual, visual_levels, visual_aligned = self.visual_side(vision_taps, grid)
+        language, language_levels, language_aligned = self.language_side(text_taps, mask, pooled)
+        return PyramidOutput(visual=visual, language=language, mask=mask.bool(), visual_levels=visual_levels,
+                             language_levels=language_levels, visual_aligned=visual_aligned,
+                             language_aligned=language_aligned)
+
+    def visual_side(self, vision_taps: Sequence[Tensor], grid: int) -> tuple[list[Tensor], Tensor, Tensor]:
+        """[P2..P5], their GAPs (N, 4, C) and f_v2l of those: what depends on the image alone."""
         visual = self.visual(vision_taps, grid)
-        language = self.language(text_taps, mask, pooled)
         visual_levels = torch.stack([p.mean(dim=(2, 3)) for p in visual], dim=1)
+        return visual, visual_levels, self.bridge.v2l(visual_levels)
+
+    def language_side(self, text_taps: Sequence[Tensor], mask: Tensor, pooled: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """[L1..L4], their pooled levels (N, 4, C) and f_l2v of those: what depends on the text alone."""
+        mask = mask.bool()
+        language = self.language(text_taps, mask, pooled)
         language_levels = torch.stack(
             [_masked_mean(language[0], mask), _masked_mean(language[1], mask), language[2], language[3]], dim=1)
-        return PyramidOutput(
-            visual=visual, language=language, mask=mask,
-            visual_levels=visual_levels, language_levels=language_levels,
-            visual_aligned=self.bridge.v2l(visual_levels),
-            language_aligned=self.bridge.l2v(language_levels),
-        )
+        return language, language_levels, self.bridge.l2v(language_levels)

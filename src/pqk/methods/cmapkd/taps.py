@@ -34,26 +34,45 @@ def tap_layers(depth: int) -> list[int]:
 
 def tap(model, image: Tensor, text: Tensor) -> Taps:
     """Run both towers of `model` once, keeping the tapped blocks."""
+    vision, grid, image_features = tap_image(model, image)
+    text_taps, mask, pooled, text_features = tap_text(model, text)
+    return Taps(vision, grid, text_taps, mask, pooled, image_features, text_features)
+
+
+def tap_image(model, image: Tensor) -> tuple[list[Tensor], int, Tensor]:
+    """The image tower's four taps, its patch grid side and encode_image's output."""
+    image_features, vision_hidden = model.encode_image(image, return_hidden=True)
+    vision = [vision_hidden[k] for k in tap_layers(len(vision_hidden) - 1)]
+    grid = int(round((vision[0].shape[1] - 1) ** 0.5))
+    return vision, grid, image_features
+
+
+def tap_text(model, text: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """The text tower's four taps, its real-token mask, its pooled state and encode_text's output."""
     from pqk.models.clip.lit import LiTCLIP
 
-    image_features, vision_hidden = model.encode_image(image, return_hidden=True)
     text_features, text_hidden = model.encode_text(text, return_hidden=True)
-    vision_depth = len(vision_hidden) - 1
-    vision = [vision_hidden[k] for k in tap_layers(vision_depth)]
-    grid = int(round((vision[0].shape[1] - 1) ** 0.5))
     if isinstance(model, LiTCLIP):  # MiniLM's list starts with block 1's output
-        depth = len(text_hidden)
-        text_taps = [text_hidden[max(k, 1) - 1] for k in tap_layers(depth)]
+        text_taps = [text_hidden[max(k, 1) - 1] for k in tap_layers(len(text_hidden))]
         mask = text != 0
         weights = mask.unsqueeze(-1).to(text_taps[-1].dtype)
         pooled = (text_taps[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     else:  # official CLIP: hidden[0] = token + positional embedding, pooled at argmax(ids)
-        depth = len(text_hidden) - 1
-        text_taps = [text_hidden[k] for k in tap_layers(depth)]
+        text_taps = [text_hidden[k] for k in tap_layers(len(text_hidden) - 1)]
         eot = text.argmax(dim=-1)
         mask = torch.arange(text.shape[1], device=text.device)[None, :] <= eot[:, None]
         pooled = text_taps[-1][torch.arange(len(text), device=text.device), eot]
-    return Taps(vision, grid, text_taps, mask, pooled, image_features, text_features)
+    return text_taps, mask, pooled, text_features
+
+
+def trim_padding(model, text: Tensor) -> Tensor:
+    """A LiT teacher's token ids without the padding columns no row uses (MiniLM masks padding in
+    attention, so the outputs at real tokens are the same); other models' ids unchanged."""
+    from pqk.models.clip.lit import LiTCLIP
+
+    if not isinstance(model, LiTCLIP):
+        return text
+    return text[:, : max(1, int((text != 0).sum(dim=1).max()))]
 
 
 def tap_widths(model) -> tuple[list[int], list[int]]:
