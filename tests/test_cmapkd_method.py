@@ -156,3 +156,45 @@ def test_cmapkd_precomputed_teacher_side_equals_the_per_batch_one():
     for a, b in [*zip(kept.visual, fresh.visual), (kept.visual_levels, fresh.visual_levels),
                  (kept.image_features, fresh.image_features), (kept.language_levels, fresh.language_levels)]:
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def _caption_folder(root, n: int):
+    """n small PNGs (a colour square on grey) with two captions each, in the caption-folder format."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        name, rgb = list(colours.items())[i % 4]
+        pixels = np.full((40, 40, 3), 128, dtype=np.uint8)
+        x = 4 + (i * 7) % 20
+        pixels[8:24, x:x + 16] = rgb
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
+        lines.append(json.dumps({"image": f"images/{i:03d}.png", "captions": [f"a {name} square.", f"{name} on grey."]}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_student_trains_on_a_users_caption_folder(tmp_path):
+    from pqk.methods.clip.train import training_sets
+
+    folder = _caption_folder(tmp_path / "coco_like", 30)
+    spec = ClipTrainSpec.from_dict({"n_train": 100, "n_val": 6, "epochs": 2, "batch_size": 8, "warmup_steps": 1,
+                                    "data": str(folder)}, "test")
+    train, val = training_sets(spec, 32)
+    assert (len(train), len(val)) == (24, 6)  # the last n_val captioned images are held out
+    assert train.images.shape[-1] == 32 and train.captions[0] == ["a red square.", "red on grey."]
+    from pqk.methods.cmapkd.objective import figure_data
+
+    teacher, student = _models()
+    objective = _objective("cmapkd", teacher, student, spec)
+    student, history, _ = train_student(student, teacher, spec, tmp_path / "out", log=lambda m: None, objective=objective)
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    figures = figure_data(objective, teacher, student, val, tsne_samples=6)  # a folder has no scene descriptions
+    assert list(figures["sample_types"]) == ["abstract caption"] and len(figures["alsn"]["w_v"]) == 6
+    with pytest.raises(ConfigError, match="must be a folder in the caption format"):
+        ClipTrainSpec.from_dict({"data": str(tmp_path / "missing")}, "test")

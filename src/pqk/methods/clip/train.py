@@ -38,6 +38,11 @@ class ClipTrainSpec:
     kd_weight: float = 1.0
     task_weight: float = 1.0
     seed: int = 42
+    # a folder in the caption format (captions.jsonl + images; COCO/Flickr30k converted) to train on
+    # instead of the generated scenes: its first n_train captioned images; validation on `val_data`,
+    # else on its last n_val captioned images (held out of training)
+    data: str = ""
+    val_data: str = ""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str) -> ClipTrainSpec:
@@ -46,9 +51,13 @@ class ClipTrainSpec:
         if bad:
             raise ConfigError(f"{where}: unknown training key {bad[0]!r}; accepted: {', '.join(known)}")
         for key, value in raw.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if known[key] == "str":
+                if not isinstance(value, str) or (value and not Path(value).is_dir()):
+                    raise ConfigError(f"{where}: {key} = {value!r} must be a folder in the caption format "
+                                      "(captions.jsonl + images; see `pqk eval --help`)")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{where}: {key} = {value!r} must be a number >= 0")
-        spec = cls(**{k: (int(v) if known[k] == "int" else float(v)) for k, v in raw.items()})
+        spec = cls(**{k: (v if known[k] == "str" else int(v) if known[k] == "int" else float(v)) for k, v in raw.items()})
         if spec.batch_size < 2 or spec.n_train < spec.batch_size:
             raise ConfigError(f"{where}: batch_size must be >= 2 and <= n_train (a contrastive batch needs negatives)")
         return spec
@@ -60,6 +69,31 @@ class ClipTrainSpec:
         epochs = max(1, round(self.epochs * min(1.0, budget * 4)))
         n_train = max(self.batch_size * 4, round(self.n_train * min(1.0, budget * 2)))
         return replace(self, epochs=epochs, n_train=n_train, n_val=max(64, min(self.n_val, n_train // 4)))
+
+
+def training_sets(spec: ClipTrainSpec, image_size: int):
+    """(training set, validation set) at `image_size`: generated scenes (TRAIN_SEED / VAL_SEED), or
+    the user's caption folder(s) (`spec.data`, `spec.val_data`). Never the workload."""
+    from pqk.data.captions.folder import load_caption_folder
+    from pqk.data.captions.generated import generate_caption_set
+    from pqk.errors import InputError
+
+    if not spec.data:
+        return (generate_caption_set(spec.n_train, TRAIN_SEED, "train", image_size),
+                generate_caption_set(spec.n_val, VAL_SEED, "test", image_size))
+    data = load_caption_folder(spec.data, image_size)
+    captioned = [i for i, caps in enumerate(data.captions) if caps]
+    if spec.val_data:
+        val = load_caption_folder(spec.val_data, image_size)
+        val = val.subset([i for i, caps in enumerate(val.captions) if caps][: spec.n_val])
+    else:
+        held = min(spec.n_val, len(captioned) // 5)
+        val, captioned = data.subset(captioned[len(captioned) - held:]), captioned[: len(captioned) - held]
+    train = data.subset(captioned[: spec.n_train])
+    if len(train) < spec.batch_size or len(val) < 2:
+        raise InputError(f"{spec.data}: {len(train)} captioned training images and {len(val)} validation images; "
+                         f"training needs at least batch_size = {spec.batch_size} and validation 2")
+    return train, val
 
 
 @torch.no_grad()
@@ -160,7 +194,6 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
                   resume: bool = True, objective: Objective | None = None) -> tuple[Any, list[dict], float]:
     """Train `student` (in place) against `teacher` on `objective` (default: task loss + logit KD);
     returns (student, history, wall hours)."""
-    from pqk.data.captions import generate_caption_set
     from pqk.io.files import atomic_torch_save
     from pqk.models.clip.family import image_resolution, text_tokenizer
     from pqk.tasks.clip.measure import model_inputs
@@ -169,9 +202,7 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
     objective = objective or Objective(spec)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
-    res = image_resolution(student)
-    train = generate_caption_set(spec.n_train, TRAIN_SEED, "train", res)
-    val = generate_caption_set(spec.n_val, VAL_SEED, "test", res)
+    train, val = training_sets(spec, image_resolution(student))
     captions = [c for caps in train.captions for c in caps]
     counts = torch.tensor([len(c) for c in train.captions])
     starts = torch.cumsum(counts, 0) - counts

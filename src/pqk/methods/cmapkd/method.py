@@ -147,14 +147,12 @@ def _is_full_method(spec) -> bool:
 
 
 def _figures(objective, teacher, student, train) -> dict:
-    """Figures 3-6's data, on generated validation images (the training run's own split)."""
-    from pqk.data.captions import generate_caption_set
+    """Figures 3-6's data, on the training run's own validation set (never the workload)."""
+    from pqk.methods.clip.train import training_sets
     from pqk.methods.cmapkd.objective import figure_data
     from pqk.models.clip.family import image_resolution
-    from pqk.train.clip_teacher import VAL_SEED
 
-    val = generate_caption_set(train.n_val, VAL_SEED, "test", image_resolution(student))
-    return figure_data(objective, teacher.eval(), student.eval(), val)
+    return figure_data(objective, teacher.eval(), student.eval(), training_sets(train, image_resolution(student))[1])
 
 
 def _objective(run: CmapkdRun, spec, teacher, student):

@@ -238,11 +238,13 @@ def figure_data(objective: CmapkdObjective, teacher, student, val, max_samples: 
     w_v, w_l = alsn(t_out.visual_levels[:, 3], t_out.language_levels[:, 3])
     sims = F.normalize(t.image_features, dim=-1) @ F.normalize(t.text_features, dim=-1).t()
     difficulty = (sims > sims.diag()[:, None]).sum(dim=1).float()  # the teacher's rank of the own caption
-    objects = [m["objects"] for m in val.meta[:n]]
-    types = {"simple scene": [len(o) == 1 for o in objects], "many objects": [len(o) >= 3 for o in objects],
-             # a scene's main object is always large, so "small objects" = two or more small ones
-             "small objects": [sum(x["size"] == "small" for x in o) >= 2 for o in objects]}
-    per_type = {name: _mean_weights(w_v, w_l, torch.tensor(mask)) for name, mask in types.items()}
+    per_type = {}
+    if all("objects" in m for m in val.meta[:n]):  # generated scenes know their objects; a user's folder does not
+        objects = [m["objects"] for m in val.meta[:n]]
+        types = {"simple scene": [len(o) == 1 for o in objects], "many objects": [len(o) >= 3 for o in objects],
+                 # a scene's main object is always large, so "small objects" = two or more small ones
+                 "small objects": [sum(x["size"] == "small" for x in o) >= 2 for o in objects]}
+        per_type = {name: _mean_weights(w_v, w_l, torch.tensor(mask)) for name, mask in types.items()}
     _, t_abs, _ = levels(abstract)
     a_v, a_l = alsn(t_abs.visual_levels[:, 3], t_abs.language_levels[:, 3])
     per_type["abstract caption"] = _mean_weights(a_v, a_l, torch.ones(n, dtype=torch.bool))
