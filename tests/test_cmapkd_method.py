@@ -198,3 +198,30 @@ def test_a_student_trains_on_a_users_caption_folder(tmp_path):
     assert list(figures["sample_types"]) == ["abstract caption"] and len(figures["alsn"]["w_v"]) == 6
     with pytest.raises(ConfigError, match="must be a folder in the caption format"):
         ClipTrainSpec.from_dict({"data": str(tmp_path / "missing")}, "test")
+
+
+def test_budget_costs_every_step_of_a_cmapkd_plan_and_the_teacher_targets_once(tmp_path):
+    import yaml
+
+    from pqk.pipeline.budget import estimate_plan
+
+    config = yaml.safe_load(open("configs/clip/cmapkd.yaml"))
+    config["student"] = {**STUDENT, "image_resolution": 64}  # the workload's resolution (its evaluation is billed)
+    config["train"].update(n_train=64, n_val=16, batch_size=16)
+    config["cmapkd"]["channels"] = 8
+    (tmp_path / "cmapkd.yaml").write_text(yaml.safe_dump(config))
+    steps = lambda run: [{"method": "cmapkd", "config": str(tmp_path / "cmapkd.yaml"), "run": run}]  # noqa: E731
+    plan = {"name": "tiny", "task": "clip", "workload": "configs/workload_clip.yaml", "budget": 1.0,
+            "experiments": [{"id": "baseline", "steps": []}, {"id": "CMAPKD", "steps": steps("CMAPKD")},
+                            {"id": "KD", "steps": steps("KD")}, {"id": "Scratch", "steps": steps("Scratch")},
+                            {"id": "Q", "steps": [*steps("CMAPKD"), {"method": "quantize", "config": "configs/clip/quant.yaml"}]}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    torch.manual_seed(0)
+    teacher = CLIP(**{**TEACHER, "image_resolution": 64}).eval()
+    result = estimate_plan(tmp_path / "plan.yaml", "cpu", 1.0, 1.0, teacher=teacher, probe_steps=1)
+    assert not [n for n in result["notes"] if "no cost model" in n]
+    items = {e["id"]: [i["what"] for i in e["items"]] for e in result["experiments"]}
+    assert any(w.startswith("CMAPKD: 6 epochs + 2 ALSN-only x 4 steps") for w in items["CMAPKD"])
+    assert sum("teacher targets" in w and "cached" not in w for e in items.values() for w in e) == 1  # once per plan
+    assert not any("teacher targets" in w for w in items["Scratch"])
+    assert any("PTQ calibration" in w for w in items["Q"])

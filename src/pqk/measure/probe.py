@@ -160,6 +160,7 @@ class Costing:
         self.budget = budget
         self.shape = shape  # the task's evaluation shape: width, height, passes, what (a description)
         self.notes = notes
+        self.once: set = set()  # work a plan pays for once whichever experiment meets it first (shared targets)
 
     def note(self, text: str) -> None:
         if text not in self.notes:

@@ -95,6 +95,11 @@ class ClipDistill(Method):
                           fields={"T": train.T if train.kd_weight > 0 else None},
                           details={"run": spec.run, "train": history, "spec": train.__dict__})
 
+    def cost(self, costing, step, model, where: str):
+        from pqk.methods.clip.cost import distill_cost
+
+        return distill_cost(costing, step, model, where)
+
     def keyparams(self, options: Mapping[str, Any], result: StepResult | None) -> str:
         run = str(options.get("run", "K-1"))
         return run.replace("-", "").replace("_", "") if run != "control" else "taskonly"
@@ -187,6 +192,11 @@ class ClipQuantize(Method):
     def restore(self, done: Mapping[str, Any], entering: torch.nn.Module, task) -> StepResult:
         common = restore_common(done)
         return StepResult(model=None, backend="onnxruntime", onnx_path=Path(done["onnx_path"]), count_model=entering, **common)
+
+    def cost(self, costing, step, model, where: str):
+        from pqk.methods.clip.cost import quantize_cost
+
+        return quantize_cost(costing, step, model, where)
 
     def keyparams(self, options: Mapping[str, Any], result: StepResult | None) -> str:
         size = options.get("calibration_size")

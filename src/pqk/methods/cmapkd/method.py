@@ -135,6 +135,11 @@ class Cmapkd(Method):
         return StepResult(model=student, artifact=path, device_hours=hours, fields={"T": train.T if train.kd_weight else None},
                           details=details)
 
+    def cost(self, costing, step, model, where: str):
+        from pqk.methods.clip.cost import cmapkd_cost
+
+        return cmapkd_cost(costing, step, model, where)
+
     def keyparams(self, options: Mapping[str, Any], result: StepResult | None) -> str:
         tag = str(options.get("run", "CMAPKD")).replace("-", "").replace("_", "")
         return tag + (f"_s{options['seed']}" if options.get("seed") is not None else "")
