@@ -310,6 +310,11 @@ class OrtPairRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
+        # Worker threads must not spin after a call: pqk holds several sessions (FP32, INT8) and times
+        # them side by side with PyTorch; a spinning pool takes the cores from whatever runs next
+        # (measured on the embedded teacher, 2 threads: INT8 1.39-1.52x eager with spinning,
+        # 1.70-1.84x without; oneDNN INT8, timed after it, 0.89-0.94x -> 1.12-1.17x).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # A file ORT rejects (not ONNX, IR or opset too new, an op it lacks) is a bad input;
         # other ORT failures (RuntimeException, EPFail) are bugs and keep their traceback.
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
