@@ -64,6 +64,10 @@ def infer(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Pairs per forward pass (pairs of different shapes never share one)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where the network runs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results already in --out (whole, once the new ones are complete)."),
+    encoder_cache: bool = typer.Option(
+        True, "--encoder-cache/--no-encoder-cache",
+        help="Encode each image once for all its pairs (same outputs; the official loop re-encodes both images of every pair).",
+    ),
 ) -> None:
     """Run DUSt3R on image pairs: per-pair pointmaps and confidences (.npz) and coloured point clouds (.ply)."""
     from pqk.data.images import load_images, motorcycle_pair
@@ -90,7 +94,7 @@ def infer(
     model, ckpt_path = _load_model(checkpoint, dev)
     staging = _staging_dir(out_dir)
     try:
-        results, seconds = _run_pairs(pairs, model, dev, batch_size)
+        results, seconds = _run_pairs(pairs, model, dev, batch_size, encoder_cache)
         records = _write_pair_files(staging, results, imgs, names, min_conf)
         summary = {
             "checkpoint": str(ckpt_path),
@@ -108,7 +112,7 @@ def infer(
     out.print(f"{len(pairs)} pairs from {len(imgs)} images in {seconds:.1f}s -> {out_dir}/ (pair_*.npz, pair_*.ply, pairs.json)")
 
 
-def _run_pairs(pairs, model, device: str, batch_size: int):
+def _run_pairs(pairs, model, device: str, batch_size: int, encoder_cache: bool = True):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -124,7 +128,8 @@ def _run_pairs(pairs, model, device: str, batch_size: int):
         TextColumn("inference"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
     ) as progress:
         task = progress.add_task("pairs", total=len(pairs))
-        results = inference(pairs, model, device=device, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n))
+        results = inference(pairs, model, device=device, batch_size=batch_size, cache_encoder=encoder_cache,
+                            on_batch=lambda n: progress.advance(task, n))
     return results, time.perf_counter() - start
 
 

@@ -344,6 +344,12 @@ class AsymmetricCroCo3DStereo(nn.Module):
 
     def forward(self, view1: dict, view2: dict) -> tuple[dict, dict]:
         (shape1, shape2), (feat1, feat2), (pos1, pos2) = self.encode_pair(view1, view2)
+        return self.forward_tokens((shape1, shape2), (feat1, feat2), (pos1, pos2))
+
+    def forward_tokens(self, shapes: tuple, feats: tuple, poses: tuple) -> tuple[dict, dict]:
+        """forward() from the views' encoder tokens (as `encode_pair` returns them): the decoders and
+        heads, which depend on the pair; a scene's encoder tokens can be computed once per view."""
+        (shape1, shape2), (feat1, feat2), (pos1, pos2) = shapes, feats, poses
         dec1, dec2 = self.decode(feat1, pos1, feat2, pos2)
         # Heads run in float32 even under autocast (confidence overflows in half precision).
         with torch.autocast(device_type=feat1.device.type, enabled=False):
