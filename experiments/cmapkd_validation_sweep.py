@@ -17,8 +17,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from pqk.methods.base import StepContext
 from pqk.methods.cmapkd.method import Cmapkd
 from pqk.models.clip.family import load_family_model
@@ -34,7 +32,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/cmapkd_sweep"))
     parser.add_argument("--only", default="", help="run only the variants whose label starts with this")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     teacher = load_family_model(TEACHER).eval()
     method = Cmapkd()
     variants = []

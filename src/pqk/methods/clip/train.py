@@ -191,9 +191,11 @@ class Objective:
 
 
 def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Callable[[str], None] = print,
-                  resume: bool = True, objective: Objective | None = None) -> tuple[Any, list[dict], float]:
+                  resume: bool = True, objective: Objective | None = None,
+                  sets: tuple[Any, Any] | None = None) -> tuple[Any, list[dict], float]:
     """Train `student` (in place) against `teacher` on `objective` (default: task loss + logit KD);
-    returns (student, history, wall hours)."""
+    returns (student, history, wall hours). `sets`: (train, val) when the caller already holds
+    `training_sets(spec, ...)` (else they are made here)."""
     from pqk.io.files import atomic_torch_save
     from pqk.models.clip.family import image_resolution, text_tokenizer
     from pqk.tasks.clip.measure import model_inputs
@@ -202,7 +204,7 @@ def train_student(student, teacher, spec: ClipTrainSpec, out_dir: Path, log: Cal
     objective = objective or Objective(spec)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
-    train, val = training_sets(spec, image_resolution(student))
+    train, val = sets or training_sets(spec, image_resolution(student))
     captions = [c for caps in train.captions for c in caps]
     counts = torch.tensor([len(c) for c in train.captions])
     starts = torch.cumsum(counts, 0) - counts

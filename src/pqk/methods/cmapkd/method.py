@@ -112,8 +112,9 @@ class Cmapkd(Method):
         return _run_spec(config, data, run, seed)
 
     def run(self, model: torch.nn.Module, ctx: StepContext, spec: CmapkdRun) -> StepResult:
-        from pqk.methods.clip.train import train_student
+        from pqk.methods.clip.train import train_student, training_sets
         from pqk.models.clip import CLIP
+        from pqk.models.clip.family import image_resolution
 
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         # the plan's teacher, not the step's entering model: the student is built fresh from the config,
@@ -125,13 +126,16 @@ class Cmapkd(Method):
         objective = _objective(spec, replace(spec.spec, train=train), model, student)
         ctx.log(f"cmapkd {spec.name} ({spec.objective}): CLIP student "
                 f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params, {train.epochs} epochs x {train.n_train} images")
-        student, history, hours = train_student(student, model, train, ctx.out_dir, ctx.log, ctx.resume, objective)
+        sets = training_sets(train, image_resolution(student))  # the figures read its validation set too
+        student, history, hours = train_student(student, model, train, ctx.out_dir, ctx.log, ctx.resume, objective, sets)
         path = ctx.family.save_model(student, ctx.out_dir / "student.safetensors",
                                      history=[{"step": "cmapkd", "run": spec.name, "seed": train.seed}])
         details = {"run": spec.name, "objective": spec.objective, "seed": train.seed, "train": history,
                    "spec": {**train.__dict__, "channels": spec.spec.channels, "stage_lr": spec.spec.stage_lr}}
         if spec.objective == "cmapkd" and _is_full_method(spec.spec):  # Figures 3-6 are the full method's
-            details["figures"] = _figures(objective, model, student, train)
+            from pqk.methods.cmapkd.objective import figure_data
+
+            details["figures"] = figure_data(objective, model.eval(), student.eval(), sets[1])
         return StepResult(model=student, artifact=path, device_hours=hours, fields={"T": train.T if train.kd_weight else None},
                           details=details)
 
@@ -149,15 +153,6 @@ def _is_full_method(spec) -> bool:
     """No ablation flag set (the CMAPKD run, at any seed)."""
     return (spec.visual_pyramid and spec.language_hierarchy and spec.alsn == "adaptive" and spec.align
             and spec.relation and spec.schedule == "progressive")
-
-
-def _figures(objective, teacher, student, train) -> dict:
-    """Figures 3-6's data, on the training run's own validation set (never the workload)."""
-    from pqk.methods.clip.train import training_sets
-    from pqk.methods.cmapkd.objective import figure_data
-    from pqk.models.clip.family import image_resolution
-
-    return figure_data(objective, teacher.eval(), student.eval(), training_sets(train, image_resolution(student))[1])
 
 
 def _objective(run: CmapkdRun, spec, teacher, student):
