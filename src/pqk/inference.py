@@ -43,11 +43,17 @@ class EncoderCache:
     """Each view's encoder tokens, computed once per scene and reused by every pair the view is in
     (a swin-K or complete graph puts a view in many pairs; the official loop encodes both images
     of every pair again). Views are keyed by identity: make_pairs hands the same dict to every
-    pair of an image. Tokens that miss are encoded together, one batch per image shape."""
+    pair of an image. Tokens that miss are encoded together, one batch per image shape, and
+    stored by `codec` (pqk.token_codecs: "fp" exact, "int8", "1bit"); positions are stored once
+    per image shape."""
 
-    def __init__(self, model, device: torch.device | str):
-        self.model, self.device = model, device
-        self.tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, model, device: torch.device | str, codec: str = "fp"):
+        from pqk.token_codecs import get_codec
+
+        self.model, self.device, self.codec = model, device, get_codec(codec)
+        self.tokens: dict[int, object] = {}
+        self.positions: dict[tuple, torch.Tensor] = {}
+        self._shape_of: dict[int, tuple] = {}
         self._views: list[dict] = []  # keeps the keyed views alive, so no id is reused
         self.encoded = 0
 
@@ -57,19 +63,27 @@ class EncoderCache:
         missing = list({id(v): v for v in views if id(v) not in self.tokens}.values())
         by_shape: dict[tuple, list[dict]] = {}
         for view in missing:
-            by_shape.setdefault(tuple(view["img"].shape[-2:]), []).append(view)
-        for group in by_shape.values():
+            by_shape.setdefault(tuple(view["img"].shape[-2:]) + tuple(view["true_shape"].reshape(-1).tolist()), []).append(view)
+        for shape, group in by_shape.items():
             batch = _to_device(collate_views(group), self.device)
             feat, pos = self.model.encode_image(batch["img"], true_shape_of(batch))
+            self.positions.setdefault(shape, pos[0])
             for k, view in enumerate(group):
-                self.tokens[id(view)] = (feat[k], pos[k])
+                self.tokens[id(view)] = self.codec.encode(feat[k])
+                self._shape_of[id(view)] = shape
                 self._views.append(view)
             self.encoded += len(group)
 
     def stacked(self, views: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         self.fill(views)
-        feats, poses = zip(*(self.tokens[id(v)] for v in views))
+        feats = [self.codec.decode(self.tokens[id(v)]) for v in views]
+        poses = [self.positions[self._shape_of[id(v)]] for v in views]
         return torch.stack(feats), torch.stack(poses)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached tokens (positions, shared per shape, not counted)."""
+        return sum(e.nbytes for e in self.tokens.values())
 
 
 def caches_encoder(model) -> bool:
@@ -83,15 +97,23 @@ def inference(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
-    cache_encoder: bool = True,
+    cache: str | EncoderCache = "fp",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Run `model` on every pair; returns per pair {'view1', 'view2', 'pred1', 'pred2'}
-    with the batch dimension removed and tensors on the CPU. With `cache_encoder` (and a model
-    that allows it) each view is encoded once for all its pairs (`EncoderCache`)."""
+    with the batch dimension removed and tensors on the CPU. With `cache` other than "none"
+    (and a model that allows it) each view is encoded once for all its pairs and its tokens kept
+    as that codec stores them ("fp" exact, "int8", "1bit"; or an `EncoderCache` to fill).
+    `reduce` maps each kept (H, W, ...) prediction (e.g. subsampling for global alignment), so a
+    large scene never holds every pair at full resolution."""
     from pqk.models.dust3r.model import true_shape_of
+    from pqk.token_codecs import get_codec
 
     results: list[dict] = [{} for _ in pairs]
-    cache = EncoderCache(model, device) if cache_encoder and caches_encoder(model) else None
+    if isinstance(cache, str):
+        if cache != "none":
+            get_codec(cache)  # a bad name is an error even for a model that cannot cache
+        cache = EncoderCache(model, device, cache) if cache != "none" and caches_encoder(model) else None
     for indices in batch_pairs(pairs, batch_size):
         view1 = _to_device(collate_views([pairs[i][0] for i in indices]), device)
         view2 = _to_device(collate_views([pairs[i][1] for i in indices]), device)
@@ -103,12 +125,14 @@ def inference(
                 feat2, pos2 = cache.stacked([pairs[i][1] for i in indices])
                 pred1, pred2 = model.forward_tokens((true_shape_of(view1), true_shape_of(view2)), (feat1, feat2),
                                                     (pos1, pos2))
+        # a reduced view is copied: a slice would keep the whole batch's storage alive
+        keep = (lambda t: reduce(t).clone()) if reduce is not None else (lambda t: t)
         for b, i in enumerate(indices):
             results[i] = {
                 "view1": {"idx": view1["idx"][b], "instance": view1["instance"][b], "true_shape": view1["true_shape"][b].cpu()},
                 "view2": {"idx": view2["idx"][b], "instance": view2["instance"][b], "true_shape": view2["true_shape"][b].cpu()},
-                "pred1": {k: v[b].float().cpu() for k, v in pred1.items()},
-                "pred2": {k: v[b].float().cpu() for k, v in pred2.items()},
+                "pred1": {k: keep(v[b]).float().cpu() for k, v in pred1.items()},
+                "pred2": {k: keep(v[b]).float().cpu() for k, v in pred2.items()},
             }
         if on_batch is not None:
             on_batch(len(indices))

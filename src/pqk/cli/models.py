@@ -64,9 +64,20 @@ def infer(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Pairs per forward pass (pairs of different shapes never share one)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where the network runs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results already in --out (whole, once the new ones are complete)."),
-    encoder_cache: bool = typer.Option(
-        True, "--encoder-cache/--no-encoder-cache",
-        help="Encode each image once for all its pairs (same outputs; the official loop re-encodes both images of every pair).",
+    cache: str = typer.Option(
+        "fp", "--cache",
+        help="Encoder tokens of each image, computed once for all its pairs and kept as: fp (exact: the same outputs), "
+        "int8 (4x smaller), 1bit (~30x smaller, lossy), or none (the official loop: both images of every pair re-encoded).",
+    ),
+    cascade: Optional[float] = typer.Option(
+        None, "--cascade", metavar="THRESHOLD",
+        help="Run a cheap draft on every pair and the full model again only on pairs whose draft confidence "
+        "(geometric mean over both views, >= 1) is below THRESHOLD. pairs.json says which pairs were verified.",
+    ),
+    draft: str = typer.Option(
+        "half", "--draft",
+        help="The cascade's draft: 'half' (the model itself at half resolution), an INT8 QDQ .onnx from pqk quantize "
+        "(run on oneDNN), or a DUSt3R checkpoint (e.g. a distilled student).",
     ),
 ) -> None:
     """Run DUSt3R on image pairs: per-pair pointmaps and confidences (.npz) and coloured point clouds (.ply)."""
@@ -89,13 +100,23 @@ def infer(
         raise InputError(f"DUSt3R needs at least two images, got {len(imgs)}")
     if names is None:
         names = [Path(im["path"]).stem if im["path"] else f"image{im['idx']}" for im in imgs]
+    from pqk.token_codecs import get_codec
+
+    if cache != "none":
+        get_codec(cache)
+    if cascade is not None and not cascade >= 1.0:
+        raise InputError(f"--cascade {cascade} is below 1; DUSt3R's confidence starts at 1, so no pair would be verified")
     pairs = make_pairs(imgs, scene_graph=scene_graph, symmetrize=True)
     dev = _resolve_device(device)
     model, ckpt_path = _load_model(checkpoint, dev)
+    draft_model = _load_draft(draft, model, dev) if cascade is not None else None
     staging = _staging_dir(out_dir)
     try:
-        results, seconds = _run_pairs(pairs, model, dev, batch_size, encoder_cache)
+        results, seconds, verified = _run_pairs(pairs, model, dev, batch_size, cache, draft_model, cascade)
         records = _write_pair_files(staging, results, imgs, names, min_conf)
+        if verified is not None:
+            for k, record in enumerate(records):
+                record["verified_by_full_model"] = k in verified
         summary = {
             "checkpoint": str(ckpt_path),
             "size": int(size.value),
@@ -103,16 +124,37 @@ def infer(
             "images": [{"idx": im["idx"], "name": n, "path": im["path"], "true_shape": im["true_shape"][0].tolist()} for im, n in zip(imgs, names)],
             "pairs": records,
             "seconds": round(seconds, 3),
+            "cache": cache,
+            "cascade": None if cascade is None else {"threshold": cascade, "draft": draft, "verified_pairs": len(verified)},
             "pqk_version": __version__,
         }
         (staging / "pairs.json").write_text(json.dumps(summary, indent=1))
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    out.print(f"{len(pairs)} pairs from {len(imgs)} images in {seconds:.1f}s -> {out_dir}/ (pair_*.npz, pair_*.ply, pairs.json)")
+    verified_note = "" if verified is None else f" ({len(verified)} verified by the full model)"
+    out.print(f"{len(pairs)} pairs{verified_note} from {len(imgs)} images in {seconds:.1f}s -> {out_dir}/ "
+              "(pair_*.npz, pair_*.ply, pairs.json)")
 
 
-def _run_pairs(pairs, model, device: str, batch_size: int, encoder_cache: bool = True):
+def _load_draft(draft: str, model, device: str):
+    """The cascade's draft model named by --draft."""
+    from pqk.cascade import LowResolutionDraft
+
+    if draft == "half":
+        return LowResolutionDraft(model, 2)
+    path = Path(draft)
+    if not path.exists():
+        raise InputError(f"--draft {draft!r}: expected 'half', an INT8 QDQ .onnx file or a DUSt3R checkpoint; no such file")
+    if path.suffix == ".onnx":
+        from pqk.backends.torch_int8 import int8_model_from_qdq
+
+        return int8_model_from_qdq(model.cpu(), path)[0].to(device)
+    return _load_model(path, device, "--draft")[0]
+
+
+def _run_pairs(pairs, model, device: str, batch_size: int, cache: str = "fp", draft=None,
+               threshold: float | None = None):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -121,16 +163,23 @@ def _run_pairs(pairs, model, device: str, batch_size: int, encoder_cache: bool =
         TimeElapsedColumn,
     )
 
+    from pqk.cascade import pairs_to_verify, verify
     from pqk.inference import inference
 
     start = time.perf_counter()
+    verified = None
     with Progress(
-        TextColumn("inference"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
     ) as progress:
-        task = progress.add_task("pairs", total=len(pairs))
-        results = inference(pairs, model, device=device, batch_size=batch_size, cache_encoder=encoder_cache,
-                            on_batch=lambda n: progress.advance(task, n))
-    return results, time.perf_counter() - start
+        task = progress.add_task("inference" if draft is None else "draft", total=len(pairs))
+        results = inference(pairs, draft if draft is not None else model, device=device, batch_size=batch_size,
+                            cache=cache, on_batch=lambda n: progress.advance(task, n))
+        if draft is not None:
+            check = progress.add_task("verify", total=len(pairs_to_verify(results, threshold)))
+            run = verify(pairs, results, model, threshold, cache=cache, device=device, batch_size=batch_size,
+                         on_batch=lambda n: progress.advance(check, n))
+            results, verified = run.results, set(run.verified)
+    return results, time.perf_counter() - start, verified
 
 
 def _write_pair_files(folder: Path, results: list[dict], imgs: list[dict], names: list[str], min_conf: float) -> list[dict]:

@@ -6,3 +6,4 @@ from pqk.methods.quantize import method as _quantize  # noqa: F401
 from pqk.methods.joint import method as _joint  # noqa: F401
 from pqk.methods.clip import method as _clip  # noqa: F401 (K, P, Q of the CLIP family)
 from pqk.methods.cmapkd import method as _cmapkd  # noqa: F401 (CMAPKD and its baselines, CLIP family)
+from pqk.methods import cascade as _cascade  # noqa: F401 (draft + verify, DUSt3R)

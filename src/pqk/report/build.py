@@ -9,7 +9,10 @@ Writes into RUN_DIR/report/:
 - budget_estimate.json — the `pqk budget` figures the budget table used (reused next time
   while the plan, device, rate and budget are the same);
 - fig3-fig6 PNGs and a CMAPKD section (seed 004's Tables 2-5) when the run has cmapkd records
-  (pqk.report.cmapkd).
+  (pqk.report.cmapkd);
+- scene_scale.png and a scene-scale section when RUN_DIR holds scene_scale.json (or
+  `scene_scale` names one): benchmarks/scene_scale.py's growth curves, cache and cascade
+  (pqk.report.scene_scale).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from typing import Any, Callable
 from pqk.errors import InputError
 from pqk.pipeline.record import Record, atomic_write_text, ensure_writable_dir, write_json
 from pqk.report.cmapkd import SECTION_TITLE as CMAPKD_TITLE, cmapkd_section
+from pqk.report.scene_scale import FILE_NAME as SCENE_SCALE_FILE
+from pqk.report.scene_scale import SECTION_TITLE as SCENE_SCALE_TITLE
+from pqk.report.scene_scale import load_scene_scale, scene_scale_section
 from pqk.report.plots import plot_pareto, plot_stages
 from pqk.report.rundata import REPORT_DIR, Gate, RunData, finite, load_run
 from pqk.report.tables import Table, fmt, fmt_pct, full_table, results_table
@@ -258,6 +264,7 @@ def build_report(
     rate: float | None = None,
     budget: float | None = None,
     log: Callable[[str], None] | None = None,
+    scene_scale: str | Path | None = None,
 ) -> Report:
     """Read RUN_DIR and write RUN_DIR/report/ (see the module docstring)."""
     say = log or (lambda _m: None)
@@ -286,6 +293,9 @@ def build_report(
     data.notes.extend(cmapkd[3] if cmapkd else [])
     page = _Page(data, run_dir, metric, pareto, files, est)
     page.cmapkd = cmapkd
+    scene_file = Path(scene_scale) if scene_scale is not None else Path(run_dir) / SCENE_SCALE_FILE
+    if scene_scale is not None or scene_file.is_file():
+        page.scene_scale = scene_scale_section(load_scene_scale(scene_file), folder, files)
     files["results.md"] = folder / "results.md"
     atomic_write_text(files["results.md"], page.markdown())
     files["results.tex"] = folder / "results.tex"
@@ -301,6 +311,7 @@ class _Page:
     """The report's tables and texts, written as Markdown, LaTeX and one self-contained HTML page."""
 
     cmapkd: tuple[str, str, str, list[str]] | None = None  # the CMAPKD section (markdown, latex, html, notes)
+    scene_scale: tuple[str, str, str, list[str]] | None = None  # the scene-scale section, same form
 
     def __init__(self, data: RunData, run_dir: str | Path, metric: str, pareto: dict, files: dict, est: dict | None):
         self.data, self.run_dir, self.metric, self.pareto, self.files = data, run_dir, metric, pareto, files
@@ -329,6 +340,8 @@ class _Page:
             md += ["\n## Joint PQK vs sequential P→K→Q\n", self.joint.markdown(), f"\n{self.joint.caption}\n"]
         if self.cmapkd is not None:
             md += [f"\n## {CMAPKD_TITLE}\n", self.cmapkd[0]]
+        if self.scene_scale is not None:
+            md += [f"\n## {SCENE_SCALE_TITLE}\n", self.scene_scale[0]]
         md += ["\n## Gate verdicts\n", self.gates.markdown()]
         if self.budget_tab is not None:
             md += ["\n## Budget: estimate vs spent\n", self.budget_tab.markdown(), f"\n{self.budget_tab.caption}\n"]
@@ -341,7 +354,8 @@ class _Page:
         tex_results = results_table(self.data.records, latex=True, task=self.data.task)
         tex_results.caption = f"Results of plan {self.plan_name} on the frozen workload"
         return ("% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(self.plan_name)}-results")
-                + "\n" + _latex_gates(self.gates, self.plan_name) + ("\n" + self.cmapkd[1] if self.cmapkd else ""))
+                + "\n" + _latex_gates(self.gates, self.plan_name) + ("\n" + self.cmapkd[1] if self.cmapkd else "")
+                + ("\n" + self.scene_scale[1] if self.scene_scale else ""))
 
     def html(self) -> str:
         data, files = self.data, self.files
@@ -356,6 +370,8 @@ class _Page:
             sections.append(("Joint PQK vs sequential P→K→Q", self.joint.html()))
         if self.cmapkd is not None:
             sections.append((CMAPKD_TITLE, self.cmapkd[2]))
+        if self.scene_scale is not None:
+            sections.append((SCENE_SCALE_TITLE, self.scene_scale[2]))
         sections.append(("Gate verdicts", _gate_html(self.gates)))
         if self.budget_tab is not None:
             sections.append(("Budget: estimate vs spent", self.budget_tab.html()))

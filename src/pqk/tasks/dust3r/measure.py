@@ -12,7 +12,6 @@ correspondences, then accuracy/completeness/Chamfer over GT-valid pixels.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import numpy as np
 import torch
 
 from pqk.data.images import normalize_array
-from pqk.data.pairs import make_pair_indices
 from pqk.errors import InputError
 from pqk.measure.latency import time_calls
 from pqk.tasks.base import Measurement
@@ -143,36 +141,47 @@ def depth_baselines(scenes: dict, pairs: list) -> dict:
     }
 
 
+def scene_chamfer(world_pts3d: list, scene, stride: int) -> dict:
+    """Accuracy / completeness / Chamfer of aligned world pointmaps (one per view, at `stride`)
+    against the scene's ground truth, after the Sim(3) fitted on pixel correspondences."""
+    valid = [v.valid[::stride, ::stride] for v in scene.views]
+    pred = np.concatenate([p.detach().cpu().numpy()[m] for p, m in zip(world_pts3d, valid)])
+    gt = np.concatenate([v.pts3d[::stride, ::stride][m] for v, m in zip(scene.views, valid)])
+    return chamfer(pred, gt, align=True, correspondences=(pred, gt))
+
+
+def scene_pair_depth(results: list[dict], scene, stride: int) -> dict:
+    """Depth figures of view 1 of every pair result (predictions at `stride`), pooled."""
+    per_view = []
+    for r in results:
+        i = int(r["view1"]["idx"])
+        view = scene.views[i]
+        per_view.append(depth_metrics(r["pred1"]["pts3d"][..., 2].numpy(), view.depth[::stride, ::stride],
+                                      view.valid[::stride, ::stride]))
+    return aggregate_depth_metrics(per_view)
+
+
 def _scene_level(runner, scene, workload: Workload) -> dict:
-    from pqk.recon.global_alignment import global_alignment
+    """All pairs of the workload's graph over one scene, then global alignment and Chamfer.
+    A PyTorch model encodes each view once (exact tokens: the same outputs as the official
+    per-pair loop, up to GEMM batching); an ONNX file runs whole pairs."""
+    from pqk.recon.scene_run import GaSettings, align_scene, infer_scene, predictions_finite
 
     n = len(scene.views)
-    indices = make_pair_indices(n, workload.scene_graph, symmetrize=workload.symmetrize)
+    views = [scene_view(scene, i) | {"idx": i, "instance": str(i)} for i in range(n)]
+    model = runner.model if isinstance(runner, TorchRunner) else runner
     s = workload.ga_stride
-    start = time.perf_counter()
-    results = []
-    for i, j in indices:
-        res1, res2 = runner(scene_view(scene, i), scene_view(scene, j))
-        results.append({
-            "view1": {"idx": i}, "view2": {"idx": j},
-            "pred1": {k: v[0, ::s, ::s].float().cpu() for k, v in res1.items()},
-            "pred2": {k: v[0, ::s, ::s].float().cpu() for k, v in res2.items()},
-        })
-    t_pairs = time.perf_counter() - start
-    if not all(torch.isfinite(r[v][k]).all() for r in results for v in ("pred1", "pred2") for k in r[v]):
+    run = infer_scene(views, model, workload.scene_graph, symmetrize=workload.symmetrize, cache="fp", stride=s,
+                      device=runner.device if isinstance(runner, TorchRunner) else "cpu")
+    figures = {"scene": scene.name, "n_pairs": len(run.pairs), "t_pairs_s": run.t_infer_s,
+               "encoded_views": run.encoded_views, "encoder_cache": run.cache_bytes is not None}
+    if not predictions_finite(run.results):
         nan = float("nan")
-        return {"scene": scene.name, "n_pairs": len(indices), "t_pairs_s": t_pairs, "t_scene_s": nan,
-                "ga_final_loss": nan, "accuracy": nan, "completeness": nan, "chamfer": nan,
-                "note": "non-finite predictions: no global alignment"}
-    aligned = global_alignment(results, n_images=n, niter=workload.ga_niter, lr=workload.ga_lr,
-                               schedule=workload.ga_schedule, seed=workload.seed)
-    t_scene = time.perf_counter() - start
-    valid = [v.valid[::s, ::s] for v in scene.views]
-    pred = np.concatenate([p.detach().cpu().numpy()[m] for p, m in zip(aligned.pts3d, valid)])
-    gt = np.concatenate([v.pts3d[::s, ::s][m] for v, m in zip(scene.views, valid)])
-    cd = chamfer(pred, gt, align=True, correspondences=(pred, gt))
-    return {"scene": scene.name, "n_pairs": len(indices), "t_pairs_s": t_pairs, "t_scene_s": t_scene,
-            "ga_final_loss": aligned.final_loss, **cd}
+        return figures | {"t_scene_s": nan, "ga_final_loss": nan, "accuracy": nan, "completeness": nan,
+                          "chamfer": nan, "note": "non-finite predictions: no global alignment"}
+    align_scene(run, GaSettings(workload.ga_niter, workload.ga_lr, workload.ga_schedule, workload.seed))
+    cd = scene_chamfer(run.aligned.pts3d, scene, s)
+    return figures | {"t_ga_s": run.t_ga_s, "t_scene_s": run.t_scene_s, "ga_final_loss": run.aligned.final_loss, **cd}
 
 
 def measure(model: torch.nn.Module | None, workload: Workload, scenes: dict, *, backend: str, device: str,
