@@ -15,6 +15,7 @@ depth figures of view 1 of every pair (at the same stride). Parts:
            32-view swin-4 scene (the cache should cut inference by share x (1 - V / 2P))
   codecs   int8 / 1bit token caches at 32 views (fp from growth): cache bytes vs quality;
            int8 at 128 views for memory
+  folder   (--folder DIR) your own images: time and memory without and with the caches
   cascade  32-view swin-4: a half-resolution draft on every pair, the full model on the pairs
            whose draft confidence is lowest, over a range of thresholds; the operating point
            is the cheapest one within 1 % of the full model (Chamfer and δ1)
@@ -87,16 +88,37 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _folder_setup(folder: str, threads: int):
+    """A user's image folder (no ground truth: time and memory only)."""
+    import torch
+
+    from pqk.assets import default_checkpoint
+    from pqk.data.images import load_images
+    from pqk.models.dust3r import load_checkpoint
+
+    torch.set_num_threads(threads)
+    views = load_images(folder, size=512)
+    return None, load_checkpoint(default_checkpoint()[0]).eval(), views
+
+
 def one(config: dict) -> dict:
-    """growth / codecs: one scene, one graph, one cache."""
-    from pqk.recon.scene_run import infer_scene
+    """growth / codecs: one scene (generated, or a user's folder), one graph, one cache."""
+    from pqk.recon.scene_run import GaSettings, align_scene, infer_scene
 
     start = time.perf_counter()
-    scene, model, views = _setup(config["views"], config["threads"])
+    if "folder" in config:
+        scene, model, views = _folder_setup(config["folder"], config["threads"])
+        config = {**config, "views": len(views)}
+    else:
+        scene, model, views = _setup(config["views"], config["threads"])
     setup_s = time.perf_counter() - start
     base_mb = _peak_mb()
     run = infer_scene(views, model, config["graph"], cache=config["cache"], stride=STRIDE)
     summary = run.summary()
+    if scene is None:
+        align_scene(run, GaSettings(seed=SEED))
+        return {**config, **summary, "t_ga_s": run.t_ga_s, "t_scene_s": run.t_scene_s,
+                "ga_final_loss": run.aligned.final_loss, "peak_rss_MB": _peak_mb(), "setup_s": time.perf_counter() - start}
     quality = _quality(run, scene)
     peak = _peak_mb()  # the scene's own peak, before the extra alignments below
     # cheaper global alignments of the same pairs: fewer iterations, or a coarser pixel grid
@@ -242,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec-memory-views", type=int, default=128,
                         help="Scene size run with the int8 cache for memory (0: skip).")
     parser.add_argument("--cascade-views", type=int, default=32)
+    parser.add_argument("--folder", type=Path, help="Also run your own images (a folder, sorted by name; no ground truth: "
+                        "time and memory only), without cache and with the fp and int8 caches.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "scene_scale.json")
     parser.add_argument("--plot-only", action="store_true", help="Redraw the figure from --out.")
@@ -261,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             print("encoder share", flush=True)
             report["share"] = _spawn("share", {"threads": args.threads, "rounds": 15})
             report["share_check"] = share_check(report)
+        if args.folder is not None:
+            print(f"folder {args.folder}", flush=True)
+            report["folder"] = [_spawn("one", {"folder": str(args.folder), "graph": args.graph, "cache": cache,
+                                               "threads": args.threads}) for cache in ("none", "fp", "int8")]
         if "codecs" in args.parts:
             print("codecs", flush=True)
             report["codecs"] = _codecs(args)

@@ -31,6 +31,8 @@ SCENE_SCALE = {
                _row(128, 1024, "fp", 200.0, ga_variants=[{"niter": 100, "ga_stride": 4, "t_ga_s": 3.0, "chamfer": 0.21}])],
     "codecs": [_row(32, 256, "int8", 55.0, chamfer=0.201)],
     "share": {"encoder_share": 0.5},
+    "folder": [{"folder": "photos", "graph": "swin-4", "views": 5, "n_pairs": 20, "cache": "fp", "t_infer_s": 3.2,
+                "t_ga_s": 9.4, "cache_MB": 2.8, "peak_rss_MB": 512.0}],
     "cascade": {"views": 32, "graph": "swin-4", "full": {"t_infer_s": 50.0, "t_scene_s": 60.0, "chamfer": 0.2, "delta1": 0.9},
                 "points": [_point(0.0, 12.0, 0.19, 0.85),  # lower Chamfer, but δ1 5 % down: not kept
                            _point(0.5, 30.0, 0.201, 0.895), _point(0.75, 40.0, 0.2, 0.899), _point(1.0, 52.0, 0.2, 0.9)],
@@ -67,6 +69,7 @@ def test_report_has_the_scene_scale_section(run_dir, tmp_path):  # noqa: F811
     assert "## Scene scale" in md and "scene_scale.png" in report.files and report.files["scene_scale.png"].is_file()
     assert "cut it by 47.0 %" in md and "50 % of the pairs verified, inference 1.67×" in md
     assert "| swin-4 | 128 | 1024 | fp |" in md and "| 128 views, swin-4 | 100 | 4 | 3.0 | 0.2100 |" in md
+    assert "| photos | swin-4 | 5 | 20 | fp | 3.2 | 9.4 | 2.8 | 512 |" in md
     assert "Scene scale" in (report.folder / "report.html").read_text()
     assert "tab:scene-scale-0" in (report.folder / "results.tex").read_text()
 

@@ -87,6 +87,16 @@ def growth_table(report: dict) -> Table:
                  caption="Scene time and memory vs views (embedded teacher, 512×384, global alignment 300 iterations at stride 4)")
 
 
+def folder_table(report: dict) -> Table | None:
+    rows = [[r["folder"], r["graph"], str(r["views"]), str(r["n_pairs"]), r["cache"], _f(r["t_infer_s"], ".1f"),
+             _f(r["t_ga_s"], ".1f"), _f(r.get("cache_MB"), ".1f"), _f(r["peak_rss_MB"], ".0f")] for r in report.get("folder", [])]
+    if not rows:
+        return None
+    return Table(["folder", "graph", "images", "pairs", "cache", "inference (s)", "global alignment (s)", "cache (MB)",
+                  "peak memory (MB)"], rows, [False, False] + [True] * 2 + [False] + [True] * 4,
+                 caption="Your images (no ground truth: time and memory only)")
+
+
 def ga_table(report: dict) -> Table | None:
     rows = []
     for r in report.get("growth", []):
@@ -144,6 +154,11 @@ def sentences(report: dict) -> list[str]:
     return said
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a part not run leaves an empty panel, without a legend warning
+        ax.legend(fontsize=7)
+
+
 def plot(report: dict, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -159,7 +174,7 @@ def plot(report: dict, path: Path) -> Path:
         if rows:
             ax.plot([r["views"] for r in rows], [r["t_ga_s"] for r in rows], ":", marker=marker, label=f"{graph}: global alignment")
     ax.set(xscale="log", yscale="log", xlabel="views", ylabel="seconds", title="time vs scene size")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax = axes[1]
     for cache, marker in (("none", "x"), ("fp", "o"), ("int8", "^"), ("1bit", "v")):
         rows = sorted((r for r in growth + report.get("codecs", []) if r["graph"] == swin_graph(report) and r["cache"] == cache),
@@ -167,7 +182,7 @@ def plot(report: dict, path: Path) -> Path:
         if rows:
             ax.plot([r["views"] for r in rows], [r["peak_rss_MB"] for r in rows], marker=marker, label=f"cache {cache}")
     ax.set(xscale="log", xlabel=f"views ({swin_graph(report)})", ylabel="peak resident memory (MB)", title="memory vs scene size")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax = axes[2]
     c = report.get("cascade")
     if c:
@@ -196,7 +211,7 @@ def plot(report: dict, path: Path) -> Path:
 def summary_text(report: dict) -> str:
     """Plain-text tables for the terminal."""
     lines = list(sentences(report))
-    for table in (growth_table(report), ga_table(report), cascade_table(report)):
+    for table in (growth_table(report), folder_table(report), ga_table(report), cascade_table(report)):
         if table is not None and table.rows:
             lines += ["", table.caption, table.markdown()]
     return "\n".join(lines)
@@ -209,7 +224,7 @@ def scene_scale_section(report: dict, folder: Path, files: dict | None = None) -
     figure = plot(report, Path(folder) / FIGURE)
     if files is not None:
         files[FIGURE] = figure
-    tables = [t for t in (growth_table(report), ga_table(report), cascade_table(report)) if t is not None]
+    tables = [t for t in (growth_table(report), folder_table(report), ga_table(report), cascade_table(report)) if t is not None]
     said = sentences(report)
     md = [*(f"- {s}" for s in said), "", f"![scene scale]({FIGURE})", ""]
     htm = ["<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in said) + "</ul>", _img(figure, "scene scale")]
