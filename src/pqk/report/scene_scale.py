@@ -84,7 +84,8 @@ def growth_table(report: dict) -> Table:
     return Table(["graph", "views", "pairs", "cache", "inference (s)", "global alignment (s)", "t_scene (s)",
                   "encoder calls", "cache (MB)", "peak memory (MB)", "Chamfer ↓", "δ1 ↑"], rows,
                  [False, True, True, False] + [True] * 8,
-                 caption="Scene time and memory vs views (embedded teacher, 512×384, global alignment 300 iterations at stride 4)")
+                 caption=f"Scene time and memory vs views (embedded teacher, 512×384, global alignment "
+                         f"{report.get('ga_niter', 300)} iterations at stride {report.get('stride', 4)})")
 
 
 def folder_table(report: dict) -> Table | None:
