@@ -11,7 +11,6 @@ verified. Threshold 1 verifies nothing (the draft alone); infinity verifies ever
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,13 +48,14 @@ class CascadeRun:
 
 def verify(pairs: list, draft_results: list[dict], full: Callable, threshold: float, *, t_draft_s: float = 0.0,
            cache: str | EncoderCache = "fp", device: str = "cpu", batch_size: int = 1, reduce=None,
-           on_batch: Callable[[int], None] | None = None) -> CascadeRun:
-    """The full model on the pairs of `draft_results` scoring below `threshold`; merged results."""
-    if not (threshold >= 1.0 or math.isinf(threshold)):
+           on_batch: Callable[[int], None] | None = None, scores: list[float] | None = None) -> CascadeRun:
+    """The full model on the pairs of `draft_results` scoring below `threshold`; merged results.
+    `scores`: the draft results' `pair_confidence`, when the caller has them already."""
+    if not threshold >= 1.0:  # also refuses NaN; infinity (verify every pair) passes
         from pqk.errors import InputError
 
         raise InputError(f"cascade threshold must be >= 1 (DUSt3R confidence starts at 1); got {threshold!r}")
-    scores = [pair_confidence(r) for r in draft_results]
+    scores = scores if scores is not None else [pair_confidence(r) for r in draft_results]
     low = pairs_to_verify(draft_results, threshold, scores)
     start = time.perf_counter()
     redone = inference([pairs[k] for k in low], full, device=device, batch_size=batch_size, cache=cache,

@@ -114,6 +114,8 @@ def inference(
         if cache != "none":
             get_codec(cache)  # a bad name is an error even for a model that cannot cache
         cache = EncoderCache(model, device, cache) if cache != "none" and caches_encoder(model) else None
+    # a reduced view is copied: a slice would keep the whole batch's storage alive
+    keep = (lambda t: reduce(t).clone()) if reduce is not None else (lambda t: t)
     for indices in batch_pairs(pairs, batch_size):
         view1 = _to_device(collate_views([pairs[i][0] for i in indices]), device)
         view2 = _to_device(collate_views([pairs[i][1] for i in indices]), device)
@@ -125,8 +127,6 @@ def inference(
                 feat2, pos2 = cache.stacked([pairs[i][1] for i in indices])
                 pred1, pred2 = model.forward_tokens((true_shape_of(view1), true_shape_of(view2)), (feat1, feat2),
                                                     (pos1, pos2))
-        # a reduced view is copied: a slice would keep the whole batch's storage alive
-        keep = (lambda t: reduce(t).clone()) if reduce is not None else (lambda t: t)
         for b, i in enumerate(indices):
             results[i] = {
                 "view1": {"idx": view1["idx"][b], "instance": view1["instance"][b], "true_shape": view1["true_shape"][b].cpu()},

@@ -163,7 +163,7 @@ def _run_pairs(pairs, model, device: str, batch_size: int, cache: str = "fp", dr
         TimeElapsedColumn,
     )
 
-    from pqk.cascade import pairs_to_verify, verify
+    from pqk.cascade import pair_confidence, pairs_to_verify, verify
     from pqk.inference import inference
 
     start = time.perf_counter()
@@ -175,9 +175,10 @@ def _run_pairs(pairs, model, device: str, batch_size: int, cache: str = "fp", dr
         results = inference(pairs, draft if draft is not None else model, device=device, batch_size=batch_size,
                             cache=cache, on_batch=lambda n: progress.advance(task, n))
         if draft is not None:
-            check = progress.add_task("verify", total=len(pairs_to_verify(results, threshold)))
+            scores = [pair_confidence(r) for r in results]
+            check = progress.add_task("verify", total=len(pairs_to_verify(results, threshold, scores)))
             run = verify(pairs, results, model, threshold, cache=cache, device=device, batch_size=batch_size,
-                         on_batch=lambda n: progress.advance(check, n))
+                         on_batch=lambda n: progress.advance(check, n), scores=scores)
             results, verified = run.results, set(run.verified)
     return results, time.perf_counter() - start, verified
 

@@ -62,14 +62,18 @@ class CascadeModel(torch.nn.Module):
         low = (pair_scores(res1["conf"], res2["conf"]) < self.threshold).nonzero().flatten()
         if len(low) == 0:
             return res1, res2
-        pick = {k: v[low] if torch.is_tensor(v) and v.shape[:1] == view1["img"].shape[:1] else v for k, v in view1.items()}
-        pick2 = {k: v[low] if torch.is_tensor(v) and v.shape[:1] == view2["img"].shape[:1] else v for k, v in view2.items()}
-        full1, full2 = self.full(pick, pick2)
+        full1, full2 = self.full(_rows(view1, low), _rows(view2, low))
         for res, full in ((res1, full1), (res2, full2)):
             for key in res:
                 res[key] = res[key].clone()
                 res[key][low] = full[key].to(res[key].dtype)
         return res1, res2
+
+
+def _rows(view: dict, rows: torch.Tensor) -> dict:
+    """The batch items `rows` of a view dict (its per-item tensors; the rest as is)."""
+    batch = view["img"].shape[:1]
+    return {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == batch else v for k, v in view.items()}
 
 
 def make_draft(model: torch.nn.Module, draft: str) -> torch.nn.Module:

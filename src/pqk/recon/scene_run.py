@@ -71,7 +71,9 @@ def infer_scene(views: list[dict], model: Callable, scene_graph: str = "complete
 
     if cache != "none":
         get_codec(cache)
-    if draft is None and all(hasattr(model, a) for a in ("draft", "full", "threshold")):  # a CascadeModel
+    from pqk.methods.cascade import CascadeModel
+
+    if draft is None and isinstance(model, CascadeModel):  # a cascade step's model: each part keeps its cache
         model, draft, threshold = model.full, model.draft, model.threshold
     indices = make_pair_indices(len(views), scene_graph, symmetrize=symmetrize)
     pairs = [(views[i], views[j]) for i, j in indices]
