@@ -43,9 +43,10 @@ def test_quantize_writes_records_for_each_runtime_and_qat(tmp_path, setup):
                   "--out", str(out), "--repeats", "5", "--qat", "always")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r["exp_id"]: r for r in csv.DictReader((out / "result_table.csv").open())}
-    assert set(rows) == {"P0_teacher_run1", "Q_PTQ_onednn_run1", "Q_PTQ_ort_run1", "Q_QAT_onednn_run1", "Q_QAT_ort_run1"}
+    assert set(rows) == {"P0_teacher_run1", "Q_PTQ_onednn_run1", "Q_PTQ_ort_run1", "Q_PTQ_openvino_run1",
+                         "Q_QAT_onednn_run1", "Q_QAT_ort_run1", "Q_QAT_openvino_run1"}
     teacher = rows["P0_teacher_run1"]
-    for exp in ("Q_PTQ_onednn_run1", "Q_PTQ_ort_run1", "Q_QAT_onednn_run1"):
+    for exp in ("Q_PTQ_onednn_run1", "Q_PTQ_ort_run1", "Q_PTQ_openvino_run1", "Q_QAT_onednn_run1"):
         row = rows[exp]
         assert (row["bits_w"], row["bits_a"], row["keep_list"]) == ("8", "8", "Softmax+attention_scale+LayerNorm")
         assert row["params_M"] == teacher["params_M"] and row["flops_G"] == teacher["flops_G"]  # counted on the float model
@@ -57,7 +58,9 @@ def test_quantize_writes_records_for_each_runtime_and_qat(tmp_path, setup):
     assert gate["reference"] == "P0_teacher_run1" and gate["figures"]["latency_source"] == "side by side"
     side = payload["details"]["step"]["latency_side_by_side"]["variants"]
     assert set(side) == {"torch eager fp32", "torch eager bf16 (autocast)", "onnxruntime fp32",
-                         "onnxruntime int8 (QDQ)", "torch oneDNN int8 + bf16 attention"}
+                         "onnxruntime int8 (QDQ)", "torch oneDNN int8 + bf16 attention", "openvino int8 (QDQ)"}
+    ov = json.loads((out / "Q_PTQ_openvino_run1_eval.json").read_text())["details"]
+    assert ov["runtime"].startswith("openvino file ptq_int8.onnx")  # measured on the QDQ file itself
     qat = json.loads((out / "Q_QAT_onednn_run1_eval.json").read_text())["details"]["step"]["qat"]
     assert qat["steps"] == 4
     assert (out / "qat_int8.onnx").is_file() and (out / "quant_ckpt.pth").is_file() and (out / "ptq_int8.onnx").is_file()

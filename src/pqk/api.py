@@ -61,7 +61,7 @@ class QuantizedModel:
     """A W8A8 model: its deployed QDQ ONNX file and the runtimes that run it here."""
 
     onnx_path: Path
-    runtimes: list[str]  # "onnxruntime" always; "onednn" where this PyTorch has INT8 kernels
+    runtimes: list[str]  # "onnxruntime" always; "onednn" where this PyTorch has INT8 kernels; "openvino" when installed
     float_model: torch.nn.Module
     height: int
     width: int
@@ -79,6 +79,10 @@ class QuantizedModel:
                 from pqk.backends.onnx_export import OrtPairRunner
 
                 self._runners[runtime] = OrtPairRunner(self.onnx_path)
+            elif runtime == "openvino":
+                from pqk.backends.openvino_runtime import OvPairRunner
+
+                self._runners[runtime] = OvPairRunner(self.onnx_path)
             else:
                 from pqk.backends.torch_int8 import int8_model_from_qdq
 
@@ -98,8 +102,8 @@ class QuantizedModel:
     def step_result(self, runtime: str = "onnxruntime") -> StepResult:
         """What `pqk.evaluate` measures: the artifact on `runtime`, counted as its float model."""
         notes = [f"runtime: {runtime}"]
-        if runtime == "onnxruntime":
-            return StepResult(model=None, artifact=self.onnx_path, backend="onnxruntime", onnx_path=self.onnx_path,
+        if runtime in ("onnxruntime", "openvino"):
+            return StepResult(model=None, artifact=self.onnx_path, backend=runtime, onnx_path=self.onnx_path,
                               count_model=self.float_model, fields=dict(self.record_fields), notes=notes)
         return StepResult(model=self.runner(runtime), artifact=self.onnx_path, count_model=self.float_model,
                           fields=dict(self.record_fields), notes=notes)
@@ -121,9 +125,10 @@ def quantize(model: torch.nn.Module, spec: Any = None, calib: Sequence[tuple] | 
     model = model.eval()
     calib = list(calib) if calib is not None else calibration_pairs(spec, width, height)
     result = quantize_graph(model, spec, calib, folder, height, width)
+    from pqk.backends.openvino_runtime import openvino_available
     from pqk.backends.torch_int8 import onednn_int8_available
 
-    runtimes = ["onnxruntime"] + (["onednn"] if onednn_int8_available() else [])
+    runtimes = ["onnxruntime"] + (["onednn"] if onednn_int8_available() else []) + (["openvino"] if openvino_available() else [])
     return QuantizedModel(Path(result["onnx_int8"]), runtimes, model, height, width, dict(result["record_fields"]))
 
 

@@ -291,21 +291,76 @@ def _as_numpy(img: Any, view: int) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
-class OrtPairRunner:
-    """ONNX Runtime (CPU) twin of the torch model: `runner(view1, view2) -> (res1, res2)`.
+class PairGraphRunner:
+    """What every runtime of a pqk pair graph shares: `runner(view1, view2) -> (res1, res2)`.
 
     Views are dicts with `img` (torch or numpy); outputs are torch tensors, on the device
-    of view 1's image when that is a torch tensor.
+    of view 1's image when that is a torch tensor. A subclass opens the file and sets
+    `input_shapes` and `metadata`; `_infer(imgs)` runs it and returns the four outputs in
+    OUTPUT_NAMES order as numpy arrays.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
-        import onnxruntime as ort
+    engine = "a runtime"
+    input_shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    metadata: dict[str, str]
 
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"ONNX model not found: {self.path}")
         if threads is not None and (isinstance(threads, bool) or int(threads) <= 0):
             raise InputError(f"threads must be a positive integer; got {threads!r}")
+
+    def _infer(self, imgs: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _check_io(self, inputs, outputs) -> None:
+        if set(INPUT_NAMES) - set(inputs) or set(OUTPUT_NAMES) - set(outputs):
+            raise InputError(
+                f"{self.path} is not a pqk DUSt3R pair graph: expected inputs {', '.join(INPUT_NAMES)} "
+                f"and outputs {', '.join(OUTPUT_NAMES)}"
+            )
+
+    def _check_shapes(self, got: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        want = self.input_shapes
+        if got == want:
+            return
+        if want[0] == want[1]:
+            exported = f"{_fmt(want[0])} inputs"
+        else:
+            exported = f"{_fmt(want[0])} (view 1) and {_fmt(want[1])} (view 2) inputs"
+        given = _fmt(got[0]) if got[0] == got[1] else f"{_fmt(got[0])} and {_fmt(got[1])}"
+        only_batch = all(len(g) == 4 and g[1:] == w[1:] for g, w in zip(got, want))
+        hint = "--batch" if only_batch else "--height/--width"
+        raise InputError(f"this ONNX model was exported for {exported}; got {given} — re-export with {hint}")
+
+    def __call__(self, view1: Mapping[str, Any], view2: Mapping[str, Any]) -> tuple[dict, dict]:
+        imgs = [_as_numpy(v["img"], i) for i, v in enumerate((view1, view2), start=1)]
+        self._check_shapes((tuple(imgs[0].shape), tuple(imgs[1].shape)))
+        for i, (view, img) in enumerate(zip((view1, view2), imgs), start=1):
+            shape = view.get("true_shape")
+            if shape is not None:
+                shape = np.asarray(shape.cpu() if isinstance(shape, torch.Tensor) else shape).reshape(-1, 2)
+                if not (shape == np.array(img.shape[-2:])).all():
+                    raise InputError(
+                        f"view {i}: true_shape {shape.tolist()} differs from the image size "
+                        f"{_fmt(img.shape[-2:])}; the ONNX graph assumes they are equal"
+                    )
+        out = self._infer(imgs)
+        device = view1["img"].device if isinstance(view1["img"], torch.Tensor) else torch.device("cpu")
+        pts1, conf1, pts2, conf2 = (torch.from_numpy(o).to(device) for o in out)
+        return {"pts3d": pts1, "conf": conf1}, {"pts3d_in_other_view": pts2, "conf": conf2}
+
+
+class OrtPairRunner(PairGraphRunner):
+    """ONNX Runtime (CPU) twin of the torch model."""
+
+    engine = "ONNX Runtime"
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
+        import onnxruntime as ort
+
+        super().__init__(path, threads)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -334,46 +389,12 @@ class OrtPairRunner:
             raise InputError(f"ONNX Runtime cannot load {self.path}: {first}") from exc
 
         inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if set(INPUT_NAMES) - set(inputs) or set(OUTPUT_NAMES) - outputs:
-            raise InputError(
-                f"{self.path} is not a pqk DUSt3R pair graph: expected inputs {', '.join(INPUT_NAMES)} "
-                f"and outputs {', '.join(OUTPUT_NAMES)}"
-            )
-        self.input_shapes: tuple[tuple[int, ...], tuple[int, ...]] = tuple(
-            tuple(inputs[n].shape) for n in INPUT_NAMES
-        )  # type: ignore[assignment]
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._check_io(inputs, {o.name for o in self.session.get_outputs()})
+        self.input_shapes = tuple(tuple(inputs[n].shape) for n in INPUT_NAMES)  # type: ignore[assignment]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def _check_shapes(self, got: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
-        want = self.input_shapes
-        if got == want:
-            return
-        if want[0] == want[1]:
-            exported = f"{_fmt(want[0])} inputs"
-        else:
-            exported = f"{_fmt(want[0])} (view 1) and {_fmt(want[1])} (view 2) inputs"
-        given = _fmt(got[0]) if got[0] == got[1] else f"{_fmt(got[0])} and {_fmt(got[1])}"
-        only_batch = all(len(g) == 4 and g[1:] == w[1:] for g, w in zip(got, want))
-        hint = "--batch" if only_batch else "--height/--width"
-        raise InputError(f"this ONNX model was exported for {exported}; got {given} — re-export with {hint}")
-
-    def __call__(self, view1: Mapping[str, Any], view2: Mapping[str, Any]) -> tuple[dict, dict]:
-        imgs = [_as_numpy(v["img"], i) for i, v in enumerate((view1, view2), start=1)]
-        self._check_shapes((tuple(imgs[0].shape), tuple(imgs[1].shape)))
-        for i, (view, img) in enumerate(zip((view1, view2), imgs), start=1):
-            shape = view.get("true_shape")
-            if shape is not None:
-                shape = np.asarray(shape.cpu() if isinstance(shape, torch.Tensor) else shape).reshape(-1, 2)
-                if not (shape == np.array(img.shape[-2:])).all():
-                    raise InputError(
-                        f"view {i}: true_shape {shape.tolist()} differs from the image size "
-                        f"{_fmt(img.shape[-2:])}; the ONNX graph assumes they are equal"
-                    )
-        out = self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, imgs)))
-        device = view1["img"].device if isinstance(view1["img"], torch.Tensor) else torch.device("cpu")
-        pts1, conf1, pts2, conf2 = (torch.from_numpy(o).to(device) for o in out)
-        return {"pts3d": pts1, "conf": conf1}, {"pts3d_in_other_view": pts2, "conf": conf2}
+    def _infer(self, imgs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, imgs)))
 
 
 # --- agreement with torch -------------------------------------------------------------------
@@ -391,7 +412,7 @@ def _errors(ort_out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def compare_with_torch(
     model: nn.Module,
-    onnx_path: str | os.PathLike[str] | OrtPairRunner,
+    onnx_path: str | os.PathLike[str] | PairGraphRunner,
     view1: Mapping[str, Any],
     view2: Mapping[str, Any],
 ) -> dict[str, float]:
@@ -401,7 +422,7 @@ def compare_with_torch(
     `onnx_path` may also be an open `OrtPairRunner`: a session takes seconds to build for
     a large graph, so callers comparing several pairs should open it once.
     """
-    runner = onnx_path if isinstance(onnx_path, OrtPairRunner) else OrtPairRunner(onnx_path)
+    runner = onnx_path if isinstance(onnx_path, PairGraphRunner) else OrtPairRunner(onnx_path)
     was_training = model.training
     model.eval()
     try:
@@ -429,6 +450,7 @@ __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "OrtPairRunner",
+    "PairGraphRunner",
     "PairGraphModule",
     "compare_with_torch",
     "export_onnx",

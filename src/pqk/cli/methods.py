@@ -57,7 +57,7 @@ def quantize_cmd(
     config: Path = typer.Option(Path("configs/quant.yaml"), "--config", "-c", help="The quantization spec (bits, keep-list, calibration)."),
     workload_file: Path = typer.Option(Path("configs/workload.yaml"), "--workload", "-w", help="The frozen workload (pqk workload make)."),
     out_dir: Path = typer.Option(Path("runs/quant"), "--out", "-o", help="Folder for model_fp32.onnx, ptq_int8.onnx, the eval JSONs and result_table.csv."),
-    runtimes: str = typer.Option("onednn,onnxruntime", "--runtimes", help="INT8 runtimes to evaluate, comma-separated: onednn (PyTorch oneDNN INT8 + bf16 attention), onnxruntime (the QDQ file in ONNX Runtime)."),
+    runtimes: str = typer.Option("onednn,onnxruntime,openvino", "--runtimes", help="INT8 runtimes to evaluate, comma-separated: onednn (PyTorch oneDNN INT8 + bf16 attention), onnxruntime (the QDQ file in ONNX Runtime), openvino (the QDQ file in OpenVINO, float parts in bf16). The record is the fastest's."),
     budget: float = typer.Option(1.0, "--budget", min=0.001, max=1.0, help="Scales the calibration set down (1.0 = the spec's size)."),
     combo: str = typer.Option("Q", "--combo", help="Record combo: Q (gate P2 vs the teacher) or KQ/PKQ (gate P3 vs this model in FP32)."),
     qat: str = typer.Option("auto", "--qat", help="QAT after PTQ: auto (when PTQ misses the quality gate), always, never."),
@@ -67,7 +67,7 @@ def quantize_cmd(
     """Quantize a DUSt3R to W8A8 (protocol stage P2): calibrate on the one calibration set, write the
     QDQ file ptq_int8.onnx (int8 per-channel weights, keep-list in float), then measure that model on
     each INT8 runtime with the one evaluation function, time every runtime side by side (eager FP32
-    and bf16, ONNX Runtime FP32 and INT8, oneDNN INT8) and apply the gate."""
+    and bf16, ONNX Runtime FP32 and INT8, oneDNN INT8, OpenVINO INT8) and apply the gate."""
     from pqk.io.files import write_json
     from pqk.methods.quantize_step import QAT_MODES, RUNTIMES
     from pqk.pipeline.plan import Experiment, PlanStep

@@ -263,6 +263,7 @@ def export_onnx_cmd(
 class Backend(str, Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
 
 
 @workload_app.command(
@@ -346,8 +347,8 @@ def _print_record(record, details, task=None) -> None:
 def eval_cmd(
     model: Optional[Path] = typer.Option(
         None, "--model", "-m",
-        help="The model to measure: any checkpoint layout pqk loads for its family or, with --backend onnxruntime, an "
-        ".onnx file (a CLIP-family model: its .image.onnx). Default: the family's bundled model.",
+        help="The model to measure: any checkpoint layout pqk loads for its family or, with --backend onnxruntime or "
+        "openvino, an .onnx file (a CLIP-family model: its .image.onnx). Default: the family's bundled model.",
     ),
     family: Optional[str] = typer.Option(
         None, "--family", "-f",
@@ -357,7 +358,7 @@ def eval_cmd(
         None, "--workload", "-w",
         help="The frozen workload (pqk workload make). Default: workload.yaml for DUSt3R, configs/workload_clip.yaml for CLIP.",
     ),
-    backend: Backend = typer.Option(Backend.torch, "--backend", help="torch (eager) or onnxruntime (exports the model, measures the exported file)."),
+    backend: Backend = typer.Option(Backend.torch, "--backend", help="torch (eager), onnxruntime or openvino (DUSt3R; both export the model and measure the exported file; OpenVINO runs an FP32 file in f32 and an INT8 QDQ file with its float parts in bf16)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Where the model runs."),
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Folder for the <exp>_eval.json and result_table.csv."),
     exp: str = typer.Option("P0_teacher_run1", "--exp-id", help="The record's exp_id ({stage}_{combo}_{keyparams}_{run})."),
@@ -382,8 +383,8 @@ def eval_cmd(
     dev = _resolve_device(device)
     onnx_path = None
     if model is not None and model.suffix == ".onnx":
-        if backend != Backend.onnxruntime:
-            raise InputError(f"--model {model} is an ONNX file: use --backend onnxruntime")
+        if backend == Backend.torch:
+            raise InputError(f"--model {model} is an ONNX file: use --backend onnxruntime or openvino")
         if not model.is_file():
             raise InputError(f"--model {model} does not exist")
         onnx_path, torch_model, artifact = model, None, model

@@ -4,10 +4,13 @@ artifact, the INT8 runtimes that run it, and the side-by-side latency that the Q
 Runtimes of one quantized model (the QDQ file `ptq_int8.onnx`):
 - "onnxruntime": ONNX Runtime runs the file itself (the portable artifact's own quality);
 - "onednn": PyTorch runs the file's int8 weights and activation scales on oneDNN's INT8 GEMM
-  with bf16 attention (`pqk.backends.torch_int8`), the fastest CPU runtime measured here.
+  with bf16 attention (`pqk.backends.torch_int8`);
+- "openvino": OpenVINO runs the file itself, its float parts in bf16 (`pqk.backends.openvino_runtime`;
+  where the `openvino` package is importable).
+The step is measured on the fastest of them (`fastest_runtime`).
 
 Latency for the gate comes from `interleaved_latency` in one process (eager FP32 and bf16,
-ONNX Runtime FP32 and INT8, oneDNN INT8 on the same pair, round-robin), because the shared
+ONNX Runtime FP32 and INT8, oneDNN INT8, OpenVINO INT8 on the same pair, round-robin), because the shared
 machine's speed drifts between separately timed runs.
 """
 
@@ -26,7 +29,8 @@ from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.methods.base import StepContext, StepResult
 from pqk.tasks.dust3r.workload import Workload
 
-RUNTIMES = ("onnxruntime", "onednn")
+RUNTIMES = ("onnxruntime", "onednn", "openvino")
+DEFAULT_RUNTIMES = "onednn,onnxruntime,openvino"  # a plan step's / the CLI's default: measure all, deploy the fastest
 QAT_MODES = ("auto", "always", "never")
 MIN_CALIBRATION_PAIRS = 16
 
@@ -70,7 +74,7 @@ def budget_calibration(spec: QuantSpec, budget: float) -> tuple[QuantSpec, list[
     return scaled, [f"calibration {size} of {spec.calibration.size} pairs (budget {budget:g})"]
 
 
-def _pair_inputs(height: int, width: int) -> tuple[dict, dict]:
+def timing_pair(height: int, width: int) -> tuple[dict, dict]:
     from pqk.data.scenes import generate_scene
     from pqk.tasks.dust3r.measure import scene_view
 
@@ -81,13 +85,15 @@ def _pair_inputs(height: int, width: int) -> tuple[dict, dict]:
 
 def side_by_side_latency(
     model: torch.nn.Module, onnx_fp32: Path | None, onnx_int8: Path | None, int8_model: torch.nn.Module | None,
-    height: int, width: int, rounds: int = 8,
+    height: int, width: int, rounds: int = 8, openvino: bool = True, extra: dict[str, Callable[[], object]] | None = None,
 ) -> dict:
     """Interleaved p50/p95 of every runtime available for this model on one pair at the
-    workload's shape, with speed-ups over PyTorch eager FP32."""
+    workload's shape, with speed-ups over PyTorch eager FP32. `openvino`: OpenVINO runs the
+    INT8 file too (when installed); `extra` adds named calls (a benchmark's peer rows)."""
     from pqk.backends.onnx_export import OrtPairRunner
+    from pqk.backends.openvino_runtime import OvPairRunner, openvino_available
 
-    view1, view2 = _pair_inputs(height, width)
+    view1, view2 = timing_pair(height, width)
     model = model.eval()
     calls: dict[str, Callable[[], object]] = {}
 
@@ -114,6 +120,10 @@ def side_by_side_latency(
                 int8_model(view1, view2)
 
         calls["torch oneDNN int8 + bf16 attention"] = onednn
+    if onnx_int8 is not None and openvino and openvino_available():
+        ov_int8 = OvPairRunner(onnx_int8, threads=threads)
+        calls[RUNTIME_LATENCY_KEY["openvino"]] = lambda: ov_int8(view1, view2)
+    calls.update(extra or {})
     from pqk.measure.machine import Contention, machine_info
 
     with Contention() as contention:
@@ -124,7 +134,8 @@ def side_by_side_latency(
 
 
 # Each runtime's name in the side-by-side table, also the record's runtime label.
-RUNTIME_LATENCY_KEY = {"onnxruntime": "onnxruntime int8 (QDQ)", "onednn": "torch oneDNN int8 + bf16 attention"}
+RUNTIME_LATENCY_KEY = {"onnxruntime": "onnxruntime int8 (QDQ)", "onednn": "torch oneDNN int8 + bf16 attention",
+                       "openvino": "openvino int8 (QDQ)"}  # its float parts' precision: the eval JSON's runtime
 RUNTIME_LABEL = RUNTIME_LATENCY_KEY
 
 
@@ -140,7 +151,10 @@ class PtqOutcome:
     device_hours: float
 
     def runtimes(self) -> list[str]:
-        return ["onnxruntime"] + (["onednn"] if self.int8_model is not None else [])
+        from pqk.backends.openvino_runtime import openvino_available
+
+        return ["onnxruntime"] + (["onednn"] if self.int8_model is not None else []) \
+            + (["openvino"] if openvino_available() else [])
 
     def step_result(self, runtime: str) -> StepResult:
         """What `evaluate` needs to measure this quantized model on one runtime."""
@@ -152,7 +166,9 @@ class PtqOutcome:
             if self.int8_model is None:
                 raise ConfigError("runtime onednn is not available in this PyTorch build")
             return StepResult(model=self.int8_model, backend="torch", **common)
-        return StepResult(model=None, backend="onnxruntime", onnx_path=self.onnx_int8, **common)
+        if runtime == "openvino" and runtime not in self.runtimes():
+            raise ConfigError("runtime openvino is not available: pip install openvino")
+        return StepResult(model=None, backend=runtime, onnx_path=self.onnx_int8, **common)
 
 
 def ptq(
@@ -198,7 +214,8 @@ def ptq(
     details["tensorrt_engine"] = None if engine is None else str(engine)
     ctx.log("latency side by side")
     details["latency_side_by_side"] = side_by_side_latency(
-        model, result["onnx_fp32"], result["onnx_int8"], int8_model, height, width, run.latency_rounds
+        model, result["onnx_fp32"], result["onnx_int8"], int8_model, height, width, run.latency_rounds,
+        openvino="openvino" in run.runtimes,
     )
     return PtqOutcome(model, Path(result["onnx_fp32"]), Path(result["onnx_int8"]), int8_model,
                       dict(result["record_fields"]), details, notes, (time.perf_counter() - start) / 3600.0)
@@ -224,7 +241,7 @@ def auto_keep_groups(float_model: torch.nn.Module, outcome: PtqOutcome, ctx: Ste
     from pqk.methods.auto_keep import choose_float_groups, probe_groups
 
     height, width = workload_shape(ctx.workload)
-    probes = probe_groups(float_model, outcome.onnx_int8, heldout_examples(ctx, n_pairs), _pair_inputs(height, width),
+    probes = probe_groups(float_model, outcome.onnx_int8, heldout_examples(ctx, n_pairs), timing_pair(height, width),
                           log=ctx.log)
     chosen, reasons = choose_float_groups(probes, max_drop)
     return {"probes": probes, "float_groups": chosen, "reasons": reasons, "max_drop": max_drop}

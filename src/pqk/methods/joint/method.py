@@ -16,12 +16,13 @@ from pqk.methods.base import Method, StepContext, StepResult, register
 from pqk.methods.distill.method import distill_cost
 from pqk.methods.prune.method import pruned_copy
 from pqk.methods.quantize.method import _runtimes, apply_side_by_side, quantize_cost, restore_quantized
+from pqk.methods.quantize_step import DEFAULT_RUNTIMES
 
 
 @dataclass
 class JointStepSpec:
     joint: Any  # pqk.methods.joint.JointSpec
-    runtimes: tuple[str, ...] = ("onednn", "onnxruntime")
+    runtimes: tuple[str, ...] = ("onednn", "onnxruntime", "openvino")
 
 
 @register
@@ -38,7 +39,7 @@ class Joint(Method):
         from pqk.methods.joint import load_joint_spec
 
         spec = load_joint_spec(config, run=options.get("run"), rho=options.get("rho"))
-        return JointStepSpec(spec, _runtimes(options.get("runtimes", "onednn,onnxruntime")))
+        return JointStepSpec(spec, _runtimes(options.get("runtimes", DEFAULT_RUNTIMES)))
 
     def config_files(self, config: Path, data: Any) -> dict[str, Path]:
         from pqk.methods.joint import referenced_configs

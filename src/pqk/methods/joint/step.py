@@ -15,7 +15,7 @@ from pqk.methods.joint.train import train_joint
 JOINT_FILE = "joint_student.safetensors"
 
 
-def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ...] = ("onednn", "onnxruntime"),
+def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ...] = ("onednn", "onnxruntime", "openvino"),
                latency_rounds: int = 10):
     """The plan runner's joint PQK step (from the teacher): train, settle, export INT8, build
     the INT8 runtimes and time them side by side. Returns (StepResult on the fastest runtime,
@@ -52,7 +52,8 @@ def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ..
             notes.append("no oneDNN INT8 kernels in this PyTorch: runtime onednn skipped")
     ctx.log("latency side by side")
     details["latency_side_by_side"] = side_by_side_latency(outcome.model, exported["onnx_fp32"], exported["onnx_int8"],
-                                                           int8_model, height, width, latency_rounds)
+                                                           int8_model, height, width, latency_rounds,
+                                                           openvino="openvino" in runtimes)
     fit = outcome.fit
     details.update({
         "joint": {**outcome.stats, "schedule": outcome.events, "epochs": len(fit.history), "steps": fit.steps_done,

@@ -114,10 +114,33 @@ _KIND_FINDERS: dict[str, Callable[[_Graph], list[str]]] = {
 
 
 def _activation_matmuls(graph: _Graph) -> list[str]:
-    # q·kᵀ and attn·v: INT8 there makes ORT slower on this CPU (cpu-int8-notes), so never.
+    # q·kᵀ and attn·v: INT8 there makes ORT slower on this CPU (cpu-int8-notes), so float
+    # unless the spec's `attention` mode asks for them (OpenVINO fuses them into INT8 attention).
     return [
         n.name for n in graph.nodes if n.op_type == "MatMul" and not any(graph.is_weight(i) for i in n.input)
     ]
+
+
+def _score_matmuls(graph: _Graph) -> list[str]:
+    """The q·kᵀ MatMul of every attention (the one that feeds a Softmax)."""
+    found = (_score_matmul(graph, s)[0] for s in graph.nodes if s.op_type == "Softmax")
+    return [m.name for m in found if m is not None]
+
+
+ATTENTION_QK, ATTENTION_PV = "attention_qk", "attention_pv"
+
+
+def _attention_split(graph: _Graph, mode: str) -> tuple[dict[str, list[str]], list[str]]:
+    """(kinds to quantize, activation MatMuls kept float) for an attention mode (spec.ATTENTION_MODES)."""
+    matmuls = _activation_matmuls(graph)
+    if mode == "float":
+        return {}, matmuls
+    qk = set(_score_matmuls(graph))
+    dropped = {ATTENTION_QK: [m for m in matmuls if m in qk]}
+    if mode == "int8_qkv":
+        dropped[ATTENTION_PV] = [m for m in matmuls if m not in qk]
+    quantized = {n for names in dropped.values() for n in names}
+    return dropped, [m for m in matmuls if m not in quantized]
 
 
 def _weighted_nodes(graph: _Graph) -> list[onnx.NodeProto]:
@@ -155,14 +178,15 @@ class _Plan:
         return counts
 
 
-def _plan(graph: _Graph, keep_list: Sequence[str]) -> _Plan:
+def _plan(graph: _Graph, keep_list: Sequence[str], attention: str = "float") -> _Plan:
     keep = _canonical_keep_list(keep_list)
     kinds = {kind: finder(graph) for kind, finder in _KIND_FINDERS.items()}
+    attention_kinds, float_matmuls = _attention_split(graph, attention)
     return _Plan(
         weighted=_weighted_nodes(graph),
         kept={k: v for k, v in kinds.items() if k in keep},
-        dropped={k: v for k, v in kinds.items() if k not in keep},
-        activation_matmuls=_activation_matmuls(graph),
+        dropped={**{k: v for k, v in kinds.items() if k not in keep}, **attention_kinds},
+        activation_matmuls=float_matmuls,
     )
 
 

@@ -19,7 +19,7 @@ from pqk.methods.base import Method, StepContext, StepResult, register, restore_
 @dataclass
 class QuantStepSpec:
     quant: Any  # pqk.methods.quantize.QuantSpec
-    runtimes: tuple[str, ...] = ("onednn", "onnxruntime")
+    runtimes: tuple[str, ...] = ("onednn", "onnxruntime", "openvino")
     qat: str = "auto"
     auto_keep: bool = False
     fixed_calibration: bool = False  # the calibration size is the experiment's subject (ABL-2): no budget scaling
@@ -40,7 +40,7 @@ def _runtimes(value: Any) -> tuple[str, ...]:
 class Quantize(Method):
     name = "quantize"
     letter = "Q"
-    options = frozenset({"qat", "runtimes", "keep_list", "calibration_size", "auto_keep"})
+    options = frozenset({"qat", "runtimes", "keep_list", "calibration_size", "auto_keep", "attention"})
     default_config = "configs/quant.yaml"
     quantizes = True
 
@@ -51,13 +51,17 @@ class Quantize(Method):
         spec = load_quant_spec(config)
         if "keep_list" in options:
             spec = spec.with_keep_list(options["keep_list"])
+        if "attention" in options:  # 8-bit attention (spec.ATTENTION_MODES); validated by QuantSpec
+            spec = replace(spec, attention=options["attention"])
         if "calibration_size" in options:
             # QuantSpec validates on construction: a size that is not a positive integer is refused here.
             spec = replace(spec, calibration=replace(spec.calibration, size=options["calibration_size"]))
         qat = str(options.get("qat", "auto"))
         if qat not in QAT_MODES:
             raise ConfigError(f"unknown qat mode {qat!r}; expected one of {', '.join(QAT_MODES)}")
-        return QuantStepSpec(spec, _runtimes(options.get("runtimes", "onednn,onnxruntime")), qat,
+        from pqk.methods.quantize_step import DEFAULT_RUNTIMES
+
+        return QuantStepSpec(spec, _runtimes(options.get("runtimes", DEFAULT_RUNTIMES)), qat,
                              bool(options.get("auto_keep", False)), "calibration_size" in options)
 
     def run(self, model: torch.nn.Module, ctx: StepContext, spec: QuantStepSpec) -> StepResult:
@@ -77,6 +81,8 @@ class Quantize(Method):
             tag += "_keep" + ("".join(_KEEP_TAGS.get(k, k) for k in keep) or "none")
         if "calibration_size" in options:
             tag += f"_cal{int(options['calibration_size'])}"
+        if options.get("attention", "float") != "float":
+            tag += "_attn" + str(options["attention"]).removeprefix("int8_")
         return tag
 
     def stage(self, alone: bool) -> str:
@@ -97,8 +103,8 @@ def restore_quantized(done: Mapping[str, Any], entering: torch.nn.Module, task) 
     trained one, else its input) and the INT8 artifact on the runtime it was measured on."""
     common = restore_common(done)
     float_model = task.load_model(done["float_model"]) if done.get("float_model") else entering
-    if done["backend"] == "onnxruntime":
-        return StepResult(model=None, backend="onnxruntime", onnx_path=Path(done["onnx_path"]), count_model=float_model,
+    if done["backend"] in ("onnxruntime", "openvino"):
+        return StepResult(model=None, backend=done["backend"], onnx_path=Path(done["onnx_path"]), count_model=float_model,
                           float_model=done.get("float_model") and Path(done["float_model"]), **common)
     from pqk.backends.torch_int8 import int8_model_from_qdq
 
@@ -121,7 +127,7 @@ def _latency_cut(details: Mapping[str, Any], backend: str) -> float | None:
     from pqk.methods.quantize_step import RUNTIME_LATENCY_KEY
 
     side = details.get("latency_side_by_side") or {}
-    variant = RUNTIME_LATENCY_KEY["onednn" if backend == "torch" else "onnxruntime"]
+    variant = RUNTIME_LATENCY_KEY["onednn" if backend == "torch" else backend]
     speedup = (side.get("variants") or {}).get(variant, {}).get("speedup")
     return None if not speedup else 1.0 - 1.0 / speedup
 
@@ -146,3 +152,30 @@ def quantize_cost(costing: Costing, step, model: CostModel, where: str) -> tuple
                 item.conditional = "QAT runs only when PTQ misses the gate (qat: auto)"
             items.append(item)
     return items, model
+
+
+ATTN8_VARIANTS = {"sage": "int8_qk", "int_flash": "int8_qkv"}
+
+
+@register
+class Attn8(Quantize):
+    """8-bit attention as a plan step: Q (W8A8 Linear layers, as `quantize`) with the attention
+    core's MatMuls in the QDQ file too, so the deployed artifact runs them in INT8 (OpenVINO
+    fuses q·kᵀ with its Q/DQ into one INT8 attention kernel). `variant: sage` quantizes q and k
+    (softmax and P·V stay float: bf16 in OpenVINO), `variant: int_flash` P and V as well.
+    Activations are per-tensor uint8 with a zero point, which absorbs a common offset of k;
+    SageAttention's per-channel K smoothing is not applied (not in the graph)."""
+
+    name = "attn8"
+    options = Quantize.options - {"attention"} | {"variant"}
+
+    def load_spec(self, config: Path, options: Mapping[str, Any]) -> QuantStepSpec:
+        variant = str(options.get("variant", "sage"))
+        if variant not in ATTN8_VARIANTS:
+            raise ConfigError(f"attn8 variant {variant!r} is not known; accepted: {', '.join(ATTN8_VARIANTS)}")
+        rest = {k: v for k, v in options.items() if k != "variant"}
+        return super().load_spec(config, {**rest, "attention": ATTN8_VARIANTS[variant]})
+
+    def keyparams(self, options: Mapping[str, Any], result: StepResult | None) -> str:
+        variant = str(options.get("variant", "sage"))
+        return super().keyparams({**options, "attention": ATTN8_VARIANTS.get(variant, variant)}, result)

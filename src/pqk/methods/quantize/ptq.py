@@ -49,7 +49,7 @@ def quantize_ptq(
     try:
         prepared, graph = _prepare(fp32_onnx, tmp)
         notes = _check_calibration_data(graph, calib, spec)
-        plan = _keep_modules_float(_plan(graph, spec.keep_list), float_modules)
+        plan = _keep_modules_float(_plan(graph, spec.keep_list, spec.attention), float_modules)
         raw_out = tmp / "quantized_raw.onnx"
         imposed = _run_quantizer(prepared, raw_out, plan, graph, spec, calib, activation_ranges)
         fp32_meta = {p.key: p.value for p in onnx.load(str(fp32_onnx), load_external_data=False).metadata_props}

@@ -28,6 +28,11 @@ DEFAULT_QAT: dict[str, Any] = {
 }
 
 KEEP_KINDS = ("Softmax", "attention_scale", "LayerNorm")
+# The attention core's two activation-only MatMuls: "float" keeps both float (INT8 there is
+# slower in ONNX Runtime here); "int8_qk" quantizes q and k of q·kᵀ (SageAttention's split:
+# softmax and P·V stay float, bf16 in OpenVINO), which OpenVINO runs as one fused INT8
+# attention kernel; "int8_qkv" quantizes P·V's inputs too (INT-FlashAttention's all-INT8 core).
+ATTENTION_MODES = ("float", "int8_qk", "int8_qkv")
 # weights mode -> per-channel scales
 WEIGHT_MODES = {"per_channel_symmetric": True, "per_tensor_symmetric": False}
 # activations mode -> symmetric range (uint8 either way: see qdq.ACTIVATION_TYPE)
@@ -60,6 +65,7 @@ class QuantSpec:
     weights: str = "per_channel_symmetric"
     activations: str = "per_tensor"
     keep_list: list[str] = field(default_factory=lambda: list(KEEP_KINDS))
+    attention: str = "float"  # ATTENTION_MODES
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     calibration_seed_base: int = CALIBRATION_SEED_MIN
     # QAT, used when PTQ misses the gate: see pqk.methods.qat.QatSpec.from_dict.
@@ -72,6 +78,8 @@ class QuantSpec:
         _check_choice("weights", self.weights, WEIGHT_MODES)
         _check_choice("activations", self.activations, ACTIVATION_MODES)
         self.keep_list = _canonical_keep_list(self.keep_list)
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"attention: unknown mode {self.attention!r}; accepted: {', '.join(ATTENTION_MODES)}")
         _check_calibration(self.calibration)
         _check_seed_base(self.calibration_seed_base)
         if not isinstance(self.qat, Mapping):
@@ -99,6 +107,8 @@ class QuantSpec:
     def to_record_fields(self) -> dict[str, Any]:
         # "none" rather than "" so an INT8 run with nothing kept is told apart from an FP32 row.
         keep = "+".join(self.keep_list) if self.keep_list else "none"
+        if self.attention != "float":
+            keep += f"+attention:{self.attention}"
         return {"bits_w": self.bits_w, "bits_a": self.bits_a, "keep_list": keep}
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pqk.tasks.base import Measurement
 from pqk.tasks.dust3r.metrics import aggregate_depth_metrics, chamfer, depth_metrics
 from pqk.tasks.dust3r.workload import Workload
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 def scene_view(scene, i: int, device: str = "cpu") -> dict:
@@ -58,21 +58,30 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """ONNX Runtime over static-shape exports: one exported file per pair of view shapes,
-    so the quality measured is the deployed artifact's."""
+    """An ONNX runtime (ONNX Runtime, or OpenVINO: `engine`) over static-shape exports:
+    one exported file per pair of view shapes, so the quality measured is the deployed artifact's."""
 
-    def __init__(self, model: torch.nn.Module | None, onnx_path: Path | None, threads: int | None):
+    def __init__(self, model: torch.nn.Module | None, onnx_path: Path | None, threads: int | None,
+                 engine: str = "onnxruntime"):
         from pqk.backends.onnx_export import OrtPairRunner
 
-        self._cls = OrtPairRunner
+        if engine == "openvino":
+            from pqk.backends.openvino_runtime import OvPairRunner
+
+            self._cls = OvPairRunner  # f32 for the exported FP32 model, bf16 around a QDQ file's INT8 layers
+        else:
+            self._cls = OrtPairRunner
         self.model = model
         self.threads = threads
         self.tmp = tempfile.TemporaryDirectory(prefix="pqk-ort-")
         self.sessions: dict[tuple, object] = {}
-        self.fixed = OrtPairRunner(onnx_path, threads=threads) if onnx_path is not None else None
+        self.fixed = self._cls(onnx_path, threads=threads) if onnx_path is not None else None
         self.exported: list[str] = []
         kind = "fp32" if onnx_path is None else f"file {Path(onnx_path).name}"
-        self.description = f"onnxruntime {kind} (CPUExecutionProvider, {threads or 'default'} threads)"
+        if engine == "openvino":
+            kind += f", {self.fixed.precision}" if self.fixed is not None else ", f32"
+        device = "CPU" if engine == "openvino" else "CPUExecutionProvider"
+        self.description = f"{engine} {kind} ({device}, {threads or 'default'} threads)"
 
     def supports(self, view1: dict, view2: dict) -> bool:
         if self.fixed is None:
@@ -105,6 +114,10 @@ def _runner(model, backend: str, device: str, onnx_path: Path | None, threads: i
         if device != "cpu":
             raise InputError("--backend onnxruntime runs on the CPU here; use --device cpu")
         return OrtRunner(model, onnx_path, threads)
+    if backend == "openvino":
+        if device != "cpu":
+            raise InputError("--backend openvino runs on the CPU here; use --device cpu")
+        return OrtRunner(model, onnx_path, threads, engine="openvino")
     raise InputError(f"backend {backend!r} is not known; accepted: {', '.join(BACKENDS)}")
 
 
