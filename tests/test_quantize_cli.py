@@ -94,8 +94,9 @@ def test_plan_step_measures_the_fastest_runtime() -> None:
 
     from pqk.methods.quantize_step import PtqOutcome, fastest_runtime
 
-    def outcome(ort_ms: float, onednn_ms: float) -> PtqOutcome:
-        variants = {"onnxruntime int8 (QDQ)": {"p50_ms": ort_ms}, "torch oneDNN int8 + bf16 attention": {"p50_ms": onednn_ms}}
+    def outcome(ort_ms: float, onednn_ms: float, ov_ms: float = float("inf")) -> PtqOutcome:
+        variants = {"onnxruntime int8 (QDQ)": {"p50_ms": ort_ms}, "torch oneDNN int8 + bf16 attention": {"p50_ms": onednn_ms},
+                    "openvino int8 (QDQ)": {"p50_ms": ov_ms}}
         return PtqOutcome(None, Path("a"), Path("b"), object(), {}, {"latency_side_by_side": {"variants": variants}}, [], 0.0)
 
     assert fastest_runtime(outcome(170.0, 273.0), ("onednn", "onnxruntime")) == "onnxruntime"
@@ -103,3 +104,8 @@ def test_plan_step_measures_the_fastest_runtime() -> None:
     assert fastest_runtime(outcome(170.0, 120.0), ("onnxruntime",)) == "onnxruntime"
     assert fastest_runtime(outcome(250.0, 240.0), ("onednn", "onnxruntime")) == "onnxruntime"  # a near-tie: no flip
     assert fastest_runtime(outcome(250.0, 240.0), ("onednn",)) == "onednn"
+    # OpenVINO is preferred when asked for, unless another is more than 10 % faster.
+    every = ("onednn", "onnxruntime", "openvino")
+    assert fastest_runtime(outcome(250.0, 300.0, 240.0), every) == "openvino"
+    assert fastest_runtime(outcome(230.0, 300.0, 240.0), every) == "openvino"  # a near-tie: no flip
+    assert fastest_runtime(outcome(200.0, 300.0, 240.0), every) == "onnxruntime"

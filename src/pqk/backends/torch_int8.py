@@ -74,14 +74,18 @@ class Int8Linear(nn.Module):
     """y = dequant(quant_u8(x) @ int8 weightᵀ) + bias, by oneDNN, float output.
 
     Activations: uint8, one calibrated scale and zero point. Weights: int8, symmetric, one
-    scale per output channel (zero points 0)."""
+    scale per output channel (zero points 0). `input_threshold` > 0 keeps a TEAL-sparsified
+    Linear's mask (pqk.methods.teal), applied to the float input before quantizing: entries
+    with |x| <= t, or with `structured`, the channels whose mean |x| over an item's tokens is <= t."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 input_scale: float, input_zero_point: int):
+                 input_scale: float, input_zero_point: int, input_threshold: float = 0.0, structured: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
         self.input_scale = float(input_scale)
         self.input_zero_point = int(input_zero_point)
+        self.input_threshold = float(input_threshold)
+        self.structured = bool(structured)
         # Kept for inspection and state_dict; the packed copy is what runs.
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("weight_scale", weight_scale.float().contiguous())
@@ -95,6 +99,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        t = self.input_threshold
+        if t > 0:  # the same mask as the float model's SparseInputLinear (and the QDQ graph)
+            x = x * ((x.abs().mean(dim=-2, keepdim=True) if self.structured else x.abs()) > t)
         qx = self._quantize(x.reshape(-1, self.in_features))
         y = torch.ops.onednn.qlinear_pointwise(
             qx, self.input_scale, self.input_zero_point, self._packed, self.weight_scale,
@@ -103,7 +110,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, x_scale={self.input_scale:.3g}, x_zp={self.input_zero_point}"
+        sparse = f", input_threshold={self.input_threshold:.4g}" if self.input_threshold > 0 else ""
+        return f"in={self.in_features}, out={self.out_features}, x_scale={self.input_scale:.3g}, x_zp={self.input_zero_point}{sparse}"
 
 
 def _initializers(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -230,6 +238,8 @@ def int8_model_from_qdq(
             set_module(out, name, Int8Linear(
                 torch.from_numpy(entry["weight_int8"]), torch.from_numpy(entry["weight_scale"]), bias_t,
                 entry["input_scale"], entry["input_zero_point"],
+                # a TEAL SparseInputLinear's mask goes with it (plain Linears have none)
+                getattr(module, "input_threshold", 0.0), getattr(module, "structured", False),
             ))
         converted.append(name)
     if not converted:

@@ -156,6 +156,9 @@ def report_cmd(
     budget: Optional[float] = typer.Option(None, "--budget", help="Budget knob of the estimate. Default: the plan's (what the runner used)."),
     scene_scale: Optional[Path] = typer.Option(None, "--scene-scale", help="A benchmarks/scene_scale.py result to report "
                                                "(growth curves, cache, cascade). Default: RUN_DIR/scene_scale.json when present."),
+    benchmarks: Path = typer.Option(Path("benchmarks/results"), "--benchmarks", help="Folder of the benchmarks' JSON results "
+                                    "(pair_latency, teal_speed, matmul_nbits_speed, scene_scale): the full-size speed-ups of "
+                                    "the accelerations' ROI table, drawn when the plan has attn8, rotate or teal steps."),
 ) -> None:
     """Tables (Markdown, LaTeX), a Pareto plot of quality vs latency, resources relative to the teacher,
     gate verdicts, the budget estimate vs device-hours spent and the daily execution log, all on one
@@ -167,7 +170,8 @@ def report_cmd(
         check_gpu(gpu)
     with err.status("report") as status:
         report = build_report(run_dir, plan=plan, metric=metric, estimate=estimate, compute_estimate=not no_estimate,
-                              gpu=gpu, rate=rate, budget=budget, log=lambda msg: status.update(msg), scene_scale=scene_scale)
+                              gpu=gpu, rate=rate, budget=budget, log=lambda msg: status.update(msg), scene_scale=scene_scale,
+                              benchmarks=benchmarks)
     verdicts = [g.verdict for g in report.gates]
     out.print(f"{len(verdicts)} gate rows: {verdicts.count('pass')} pass, {verdicts.count('stop')} stop, "
               f"{_inconclusive(verdicts)}{verdicts.count('stopped (not run)')} not run; "

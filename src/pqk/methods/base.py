@@ -96,6 +96,11 @@ class Method(ABC):
     def check(self, spec: Any, options: Mapping[str, Any]) -> None:
         """Further validation of a loaded spec before any step of the plan runs."""
 
+    def must_be_last(self, spec: Any) -> str | None:
+        """Why a step with this spec must be its experiment's last (None: others may follow).
+        By default: a quantizing method's output is a deployed INT8 artifact."""
+        return "quantize must come last" if self.quantizes else None
+
     # -- running it -------------------------------------------------------------------------------
     @abstractmethod
     def run(self, model: torch.nn.Module, ctx: StepContext, spec: Any) -> StepResult:
@@ -199,6 +204,7 @@ def get_method(name: str, family: str | None = None) -> Method:
 
 
 def method_names(family: str | None = None) -> list[str]:
-    """Registered method names (those implemented for `family` when one is given)."""
+    """Registered method names (those implemented for `family` when one is given), sorted: the
+    order modules happened to be imported in must not change an error message."""
     _load_builtins()
-    return [n for n, impls in _METHODS.items() if family is None or family in impls]
+    return sorted(n for n, impls in _METHODS.items() if family is None or family in impls)

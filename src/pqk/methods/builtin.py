@@ -7,3 +7,5 @@ from pqk.methods.joint import method as _joint  # noqa: F401
 from pqk.methods.clip import method as _clip  # noqa: F401 (K, P, Q of the CLIP family)
 from pqk.methods.cmapkd import method as _cmapkd  # noqa: F401 (CMAPKD and its baselines, CLIP family)
 from pqk.methods import cascade as _cascade  # noqa: F401 (draft + verify, DUSt3R)
+from pqk.methods.rotate import method as _rotate  # noqa: F401 (Hadamard / FlatQuant transforms, DUSt3R)
+from pqk.methods import teal as _teal  # noqa: F401 (TEAL activation sparsity, DUSt3R)

@@ -278,8 +278,13 @@ class _Reader:
 
     def _check_order(self, exp_id: str, steps: list[PlanStep]) -> None:
         known = [(s, s.impl) for s in steps if s.method in method_names(self.family)]
-        if any(m.quantizes for s, m in known[:-1]) and self.strict:
-            raise ConfigError(f"plan {self.path}: experiment {exp_id!r} quantizes before its last step; quantize must come last")
+        for s, m in known[:-1] if self.strict else []:
+            try:
+                why = m.must_be_last(s.spec())
+            except (ConfigError, InputError):
+                continue  # a bad spec is reported by validate_specs, with its step's place
+            if why:
+                raise ConfigError(f"plan {self.path}: experiment {exp_id!r}: {s.method} comes before its last step; {why}")
         for s, m in known:
             if m.only_step and len(steps) != 1 and self.strict:
                 raise ConfigError(f"plan {self.path}: experiment {exp_id!r}: {m.only_step}; it must be the experiment's only step")

@@ -12,7 +12,9 @@ Writes into RUN_DIR/report/:
   (pqk.report.cmapkd);
 - scene_scale.png and a scene-scale section when RUN_DIR holds scene_scale.json (or
   `scene_scale` names one): benchmarks/scene_scale.py's growth curves, cache and cascade
-  (pqk.report.scene_scale).
+  (pqk.report.scene_scale);
+- the accelerations' measured ROI table (seed 003) when the plan has attn8, rotate or teal
+  steps, with full-size speed from `benchmarks` (default benchmarks/results; pqk.report.accel_roi).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Callable
 
 from pqk.errors import InputError
 from pqk.pipeline.record import Record, atomic_write_text, ensure_writable_dir, write_json
+from pqk.report.accel_roi import SECTION_TITLE as ACCEL_TITLE, accel_section, has_accel_records
 from pqk.report.cmapkd import SECTION_TITLE as CMAPKD_TITLE, cmapkd_section
 from pqk.report.scene_scale import FILE_NAME as SCENE_SCALE_FILE
 from pqk.report.scene_scale import SECTION_TITLE as SCENE_SCALE_TITLE
@@ -265,6 +268,8 @@ def build_report(
     budget: float | None = None,
     log: Callable[[str], None] | None = None,
     scene_scale: str | Path | None = None,
+    benchmarks: str | Path = Path("benchmarks/results"),
+    tests_dir: str | Path = Path("tests"),
 ) -> Report:
     """Read RUN_DIR and write RUN_DIR/report/ (see the module docstring)."""
     say = log or (lambda _m: None)
@@ -296,6 +301,9 @@ def build_report(
     scene_file = Path(scene_scale) if scene_scale is not None else Path(run_dir) / SCENE_SCALE_FILE
     if scene_scale is not None or scene_file.is_file():
         page.scene_scale = scene_scale_section(load_scene_scale(scene_file), folder, files)
+    if has_accel_records(data):
+        page.accel = accel_section(data, Path(benchmarks), Path(tests_dir))
+        data.notes.extend(page.accel[3])
     files["results.md"] = folder / "results.md"
     atomic_write_text(files["results.md"], page.markdown())
     files["results.tex"] = folder / "results.tex"
@@ -312,6 +320,7 @@ class _Page:
 
     cmapkd: tuple[str, str, str, list[str]] | None = None  # the CMAPKD section (markdown, latex, html, notes)
     scene_scale: tuple[str, str, str, list[str]] | None = None  # the scene-scale section, same form
+    accel: tuple[str, str, str, list[str]] | None = None  # the accelerations' ROI section, same form
 
     def __init__(self, data: RunData, run_dir: str | Path, metric: str, pareto: dict, files: dict, est: dict | None):
         self.data, self.run_dir, self.metric, self.pareto, self.files = data, run_dir, metric, pareto, files
@@ -342,6 +351,8 @@ class _Page:
             md += [f"\n## {CMAPKD_TITLE}\n", self.cmapkd[0]]
         if self.scene_scale is not None:
             md += [f"\n## {SCENE_SCALE_TITLE}\n", self.scene_scale[0]]
+        if self.accel is not None:
+            md += [f"\n## {ACCEL_TITLE}\n", self.accel[0]]
         md += ["\n## Gate verdicts\n", self.gates.markdown()]
         if self.budget_tab is not None:
             md += ["\n## Budget: estimate vs spent\n", self.budget_tab.markdown(), f"\n{self.budget_tab.caption}\n"]
@@ -355,7 +366,7 @@ class _Page:
         tex_results.caption = f"Results of plan {self.plan_name} on the frozen workload"
         return ("% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(self.plan_name)}-results")
                 + "\n" + _latex_gates(self.gates, self.plan_name) + ("\n" + self.cmapkd[1] if self.cmapkd else "")
-                + ("\n" + self.scene_scale[1] if self.scene_scale else ""))
+                + ("\n" + self.scene_scale[1] if self.scene_scale else "") + ("\n" + self.accel[1] if self.accel else ""))
 
     def html(self) -> str:
         data, files = self.data, self.files
@@ -372,6 +383,8 @@ class _Page:
             sections.append((CMAPKD_TITLE, self.cmapkd[2]))
         if self.scene_scale is not None:
             sections.append((SCENE_SCALE_TITLE, self.scene_scale[2]))
+        if self.accel is not None:
+            sections.append((ACCEL_TITLE, self.accel[2]))
         sections.append(("Gate verdicts", _gate_html(self.gates)))
         if self.budget_tab is not None:
             sections.append(("Budget: estimate vs spent", self.budget_tab.html()))

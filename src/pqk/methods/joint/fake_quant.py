@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pqk.methods.hooks import hooked
 from pqk.methods.qat import FakeQuantLinear, fake_quant_modules, set_fake_quant
 
 
@@ -46,15 +47,13 @@ def calibrate_fake_quant(model: nn.Module, pairs: list[tuple[dict, dict]]) -> di
         return hook
 
     set_fake_quant(model, False)
-    handles = [m.register_forward_hook(observe(n)) for n, m in modules.items()]
     was_training = model.training
     model.eval()
     try:
-        for view1, view2 in pairs:
-            model(view1, view2)
+        with hooked((m, observe(n)) for n, m in modules.items()):
+            for view1, view2 in pairs:
+                model(view1, view2)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     for name, module in modules.items():
         if name in seen:

@@ -56,7 +56,7 @@ def _attention_traceable(self: Attention, x: torch.Tensor, pos: torch.Tensor) ->
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, nh, N, hd)
     q, k = self.rope(q, pos), self.rope(k, pos)
-    return self.proj(merge_heads(attention_core(q, k, v, self.core_dtype)))
+    return self.proj(merge_heads(attention_core(q, k, v, self.core_dtype, self.smooth_k)))
 
 
 @contextlib.contextmanager

@@ -157,25 +157,50 @@ def quantize_cost(costing: Costing, step, model: CostModel, where: str) -> tuple
 ATTN8_VARIANTS = {"sage": "int8_qk", "int_flash": "int8_qkv"}
 
 
+@dataclass
+class Attn8Spec(QuantStepSpec):
+    smooth_k: bool = True
+
+
 @register
 class Attn8(Quantize):
     """8-bit attention as a plan step: Q (W8A8 Linear layers, as `quantize`) with the attention
     core's MatMuls in the QDQ file too, so the deployed artifact runs them in INT8 (OpenVINO
-    fuses q·kᵀ with its Q/DQ into one INT8 attention kernel). `variant: sage` quantizes q and k
-    (softmax and P·V stay float: bf16 in OpenVINO), `variant: int_flash` P and V as well.
-    Activations are per-tensor uint8 with a zero point, which absorbs a common offset of k;
-    SageAttention's per-channel K smoothing is not applied (not in the graph)."""
+    fuses q·kᵀ with its Q/DQ into INT8 attention). `variant: sage` quantizes q and k (softmax
+    and P·V stay float: bf16 in OpenVINO), `variant: int_flash` P and V as well. `smooth_k`
+    (default on, SageAttention's K smoothing) subtracts k's mean over tokens in the graph before
+    its quantizer: exact in float, a narrower range for the 8 bits. Scales are per tensor (one
+    per q, k, P, V input of each attention, calibrated like every activation), not per block of
+    tokens: a QDQ file has no per-block activation scales that a CPU runtime fuses. Runs on the
+    ONNX runtimes only by default (the oneDNN runtime's attention is bf16, not 8-bit)."""
 
     name = "attn8"
-    options = Quantize.options - {"attention"} | {"variant"}
+    options = Quantize.options - {"attention"} | {"variant", "smooth_k"}
 
-    def load_spec(self, config: Path, options: Mapping[str, Any]) -> QuantStepSpec:
+    def load_spec(self, config: Path, options: Mapping[str, Any]) -> Attn8Spec:
         variant = str(options.get("variant", "sage"))
         if variant not in ATTN8_VARIANTS:
             raise ConfigError(f"attn8 variant {variant!r} is not known; accepted: {', '.join(ATTN8_VARIANTS)}")
-        rest = {k: v for k, v in options.items() if k != "variant"}
-        return super().load_spec(config, {**rest, "attention": ATTN8_VARIANTS[variant]})
+        smooth = options.get("smooth_k", True)
+        if not isinstance(smooth, bool):
+            raise ConfigError(f"attn8 smooth_k must be true or false; got {smooth!r}")
+        rest = {k: v for k, v in options.items() if k not in ("variant", "smooth_k")}
+        rest.setdefault("runtimes", "onnxruntime,openvino")
+        base = super().load_spec(config, {**rest, "attention": ATTN8_VARIANTS[variant]})
+        return Attn8Spec(**vars(base), smooth_k=smooth)
+
+    def run(self, model: torch.nn.Module, ctx: StepContext, spec: Attn8Spec) -> StepResult:
+        from pqk.models.dust3r.model import Attention, CrossAttention
+
+        for module in model.modules():
+            if isinstance(module, (Attention, CrossAttention)):
+                module.smooth_k = spec.smooth_k
+        result = super().run(model, ctx, spec)
+        result.notes.append(f"8-bit attention {spec.quant.attention}, K smoothing {'on' if spec.smooth_k else 'off'}")
+        result.details["attn8"] = {"attention": spec.quant.attention, "smooth_k": spec.smooth_k}
+        return result
 
     def keyparams(self, options: Mapping[str, Any], result: StepResult | None) -> str:
         variant = str(options.get("variant", "sage"))
-        return super().keyparams({**options, "attention": ATTN8_VARIANTS.get(variant, variant)}, result)
+        tag = super().keyparams({**options, "attention": ATTN8_VARIANTS.get(variant, variant)}, result)
+        return tag + ("_nosmooth" if options.get("smooth_k", True) is False else "")

@@ -60,8 +60,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, N, nh * hd)
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """softmax(q·kᵀ/√d)·v, optionally computed in `dtype` (bf16 runtimes); result in q's dtype."""
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None,
+                   smooth_k: bool = False) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v, optionally computed in `dtype` (bf16 runtimes); result in q's dtype.
+
+    `smooth_k` subtracts k's mean over tokens first (SageAttention's K smoothing): every score
+    of a query drops by the same q·mean(k), which softmax ignores, so the output is unchanged
+    while k's range, and with it an 8-bit quantizer's step, shrinks (pqk.methods attn8)."""
+    if smooth_k:
+        k = k - k.mean(dim=-2, keepdim=True)
     if dtype is None or dtype == q.dtype:
         return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
@@ -71,6 +78,7 @@ class Attention(nn.Module):
     """Self-attention with a fused qkv Linear; width = num_heads * head_dim (may be < dim once pruned)."""
 
     core_dtype: torch.dtype | None = None  # set by reduced-precision runtimes (backends.torch_int8)
+    smooth_k: bool = False  # set by 8-bit attention (attention_core)
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, rope: Rope2D):
         super().__init__()
@@ -85,13 +93,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, N, hd)
         q, k = self.rope(q, pos), self.rope(k, pos)
-        return self.proj(merge_heads(attention_core(q, k, v, self.core_dtype)))
+        return self.proj(merge_heads(attention_core(q, k, v, self.core_dtype, self.smooth_k)))
 
 
 class CrossAttention(nn.Module):
     """Queries from this view, keys/values from the other; RoPE uses each side's own positions."""
 
     core_dtype: torch.dtype | None = None
+    smooth_k: bool = False
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, rope: Rope2D):
         super().__init__()
@@ -108,7 +117,7 @@ class CrossAttention(nn.Module):
         q = self.rope(split_heads(self.projq(x), self.num_heads), xpos)
         k = self.rope(split_heads(self.projk(mem), self.num_heads), mpos)
         v = split_heads(self.projv(mem), self.num_heads)
-        return self.proj(merge_heads(attention_core(q, k, v, self.core_dtype)))
+        return self.proj(merge_heads(attention_core(q, k, v, self.core_dtype, self.smooth_k)))
 
 
 class Mlp(nn.Module):
