@@ -21,7 +21,7 @@ def tensorrt_available() -> bool:
 def build_engine(qdq_onnx: str | Path, out_path: str | Path, workspace_gb: float = 4.0) -> tuple[Path | None, str]:
     """(engine path, note). Builds an INT8 (+FP16 fallback) engine from explicit Q/DQ."""
     if not tensorrt_available():
-        return None, "no TensorRT here: engine (Q-3) not built; ONNX Runtime and oneDNN measured instead"
+        return None, "no TensorRT here: engine (Q-3) not built; the CPU runtimes measured instead"
     import tensorrt as trt  # optional dependency
 
     logger = trt.Logger(trt.Logger.WARNING)

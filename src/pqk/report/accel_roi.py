@@ -265,12 +265,29 @@ def has_accel_records(data) -> bool:
     return any(isinstance(s, dict) and s.get("method") in METHODS for s in steps)
 
 
+def _side_by_side_gain(data, exp: str, ref: str = "Q") -> float | None:
+    """How much faster experiment `exp`'s deployed runtime is than `ref`'s, each taken as its
+    speed-up over eager FP32 in its own step's side-by-side timing (the two steps ran apart)."""
+    def speedup(plan_id: str) -> float | None:
+        exp_id = next((e for e, p in data.experiments.items() if p == plan_id), None)
+        details = ((data.evals.get(exp_id) or {}).get("details") or {}) if exp_id else {}
+        variants = ((details.get("step") or {}).get("latency_side_by_side") or {}).get("variants") or {}
+        return (variants.get("openvino int8 (QDQ)") or {}).get("speedup")
+
+    a, b = speedup(exp), speedup(ref)
+    return a / b if a and b else None
+
+
 def accel_section(data, results: Path, tests_dir: Path) -> tuple[str, str, str, list[str]]:
     """(Markdown, LaTeX, HTML, notes) of the section."""
     records = {data.experiments[r.exp_id]: r for r in data.records if r.exp_id in data.experiments}
     rows = build_rows(records, Path(results), Path(tests_dir))
     table = roi_table(rows)
     notes = [f"{r.paper}: {n}" for r in rows for n in r.notes]
+    gains = {exp: _side_by_side_gain(data, exp) for exp in ("A8_sage", "A8_sage_nosmooth", "A8_intflash")}
+    if any(gains.values()):
+        notes.append("8-bit attention on this run's model (OpenVINO, speed-up over eager FP32 in its step's side-by-side "
+                     "timing, relative to Q's): " + ", ".join(f"{k} {v:.2f}x" for k, v in gains.items() if v))
     missing = [n for n in ("pair_latency.json", "teal_speed.json", "matmul_nbits_speed.json", "scene_scale.json")
                if not (Path(results) / n).is_file()]
     if missing:
