@@ -8,9 +8,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from pqk.backends.onnx_export import MAX_IR_VERSION, OUTPUT_NAMES, OrtPairRunner
+from pqk.backends.onnx_export import (
+    MAX_IR_VERSION,
+    OUTPUT_NAMES,
+    OrtPairRunner,
+    ShapeRoutedRunner,
+    shape_variants,
+)
 from pqk.data.images import normalize_array
 from pqk.data.scenes import generate_scene
 from pqk.errors import ConfigError, InputError
@@ -289,6 +295,47 @@ def test_int8_model_runs_in_ort_close_to_fp32(ptq: dict) -> None:
         errors[name] = ((g - r).norm() / r.norm()).item()
     assert max(errors.values()) < MAX_REL_L2, errors
     assert min(errors.values()) > 0  # really quantized
+
+
+def _scales(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.name.endswith(("_scale", "_zero_point"))}
+
+
+def _views(height: int, width: int) -> tuple[dict, dict]:
+    scene = generate_scene(42, n_views=2, width=width, height=height)
+    return tuple({"img": normalize_array(v.img).unsqueeze(0)} for v in scene.views)  # type: ignore[return-value]
+
+
+def test_other_shapes_are_the_same_quantized_model_in_their_own_static_files(
+    tiny: torch.nn.Module, calib: list, ptq: dict, tmp_path: Path
+) -> None:
+    # The workload's real photographs are 512x336 while its generated views are 512x384: the
+    # deployed model must run both, with the scales calibrated once.
+    other = ((48, 96), (48, 96))
+    result = quantize(tiny, _spec(), calib, tmp_path, H, W, other_shapes=[other])
+    variant = tmp_path / "ptq_int8.48x96.onnx"
+    assert result["summary"]["shape_variants"] == [variant.name]
+    assert shape_variants(result["onnx_int8"]) == {other: variant}
+    main_scales, variant_scales = _scales(result["onnx_int8"]), _scales(variant)
+    assert len(main_scales) > 20 and main_scales.keys() == variant_scales.keys()
+    assert all(np.array_equal(main_scales[k], variant_scales[k]) for k in main_scales)
+    # The same ranges as a file quantized without variants: calibration did not change.
+    assert all(np.array_equal(v, _scales(ptq["onnx_int8"])[k]) for k, v in main_scales.items())
+
+    runner = ShapeRoutedRunner(result["onnx_int8"], lambda path: OrtPairRunner(path, threads=1))
+    view1, view2 = _views(48, 96)
+    assert runner.supports(view1, view2) and runner.supports(*_views(H, W))
+    got = runner(view1, view2)
+    ref = OrtPairRunner(tmp_path / "model_fp32.48x96.onnx", threads=1)(view1, view2)
+    err = ((got[0]["pts3d"] - ref[0]["pts3d"]).norm() / ref[0]["pts3d"].norm()).item()
+    assert 0 < err < MAX_REL_L2
+    assert set(runner.runners) == {((H, W), (H, W)), other}  # opened on first use
+    # A shape with no file is not supported, and running it names the shapes the model takes.
+    odd = _views(32, 96)
+    assert not runner.supports(*odd)
+    with pytest.raises(InputError, match="exported for"):
+        runner(*odd)
 
 
 def test_bad_calibration_data(ptq: dict, calib: list, tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("q")
     torch.manual_seed(42)
     ckpt = save_model(build_model(**TINY_KWARGS), root / "tiny.pth")
-    w = make_workload(n_pairs=3, n_scenes=1, views=4, resolution=64, real_check=False)
+    # The real check's motorcycle pair is 32x64 at this resolution, the generated views 48x64.
+    w = make_workload(n_pairs=3, n_scenes=1, views=4, resolution=64, real_check=True)
     w.ga_niter, w.ga_stride, w.scene_level = 5, 2, []
     workload = save_workload(w, root / "workload.yaml")
     config = root / "quant.yaml"
@@ -60,7 +61,12 @@ def test_quantize_writes_records_for_each_runtime_and_qat(tmp_path, setup):
     assert set(side) == {"torch eager fp32", "torch eager bf16 (autocast)", "onnxruntime fp32",
                          "onnxruntime int8 (QDQ)", "torch oneDNN int8 + bf16 attention", "openvino int8 (QDQ)"}
     ov = json.loads((out / "Q_PTQ_openvino_run1_eval.json").read_text())["details"]
-    assert ov["runtime"].startswith("openvino file ptq_int8.onnx")  # measured on the QDQ file itself
+    assert ov["runtime"].startswith("openvino file ptq_int8.onnx (+1 static-shape variant)")  # the QDQ files themselves
+    for exp in ("Q_PTQ_ort_run1", "Q_PTQ_openvino_run1", "Q_QAT_ort_run1"):
+        details = json.loads((out / f"{exp}_eval.json").read_text())["details"]
+        # Every pair measured on the deployed runtime, the real photographs too (their own static file).
+        assert details["skipped_pairs"] == [] and details["real_check_motorcycle"]["n_views"] == 2, exp
+    assert (out / "ptq_int8.32x64.onnx").is_file() and (out / "qat_int8.32x64.onnx").is_file()
     qat = json.loads((out / "Q_QAT_onednn_run1_eval.json").read_text())["details"]["step"]["qat"]
     assert qat["steps"] == 4
     assert (out / "qat_int8.onnx").is_file() and (out / "quant_ckpt.pth").is_file() and (out / "ptq_int8.onnx").is_file()

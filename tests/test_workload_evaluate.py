@@ -110,3 +110,13 @@ def test_onnxruntime_backend_measures_the_exported_model(tiny_workload, tiny_mod
     ev_o = evaluate(tiny_model, w, backend="onnxruntime", options=EvalOptions(warmup=1, repeats=5))
     assert "onnxruntime" in ev_o.details["runtime"]
     assert ev_o.record.absrel == pytest.approx(ev_t.record.absrel, rel=1e-3)
+
+
+def test_pair_shapes_cover_the_real_photographs_without_rendering() -> None:
+    from pqk.tasks.dust3r.workload import MOTORCYCLE, Workload, pair_shapes
+
+    generated = {"kind": "generated", "seeds": [1], "views": 4, "width": 512, "height": 384}
+    w = Workload(data=generated, pairs=[["s", 0, 1]], real_pairs=[[MOTORCYCLE, 0, 1], [MOTORCYCLE, 1, 0]])
+    assert pair_shapes(w) == [((384, 512), (384, 512)), ((336, 512), (336, 512))]
+    w.real_pairs = []
+    assert pair_shapes(w) == [((384, 512), (384, 512))]

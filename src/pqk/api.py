@@ -75,14 +75,13 @@ class QuantizedModel:
         if runtime not in self.runtimes:
             raise InputError(f"runtime {runtime!r} is not available; accepted: {', '.join(self.runtimes)}")
         if runtime not in self._runners:
-            if runtime == "onnxruntime":
-                from pqk.backends.onnx_export import OrtPairRunner
-
-                self._runners[runtime] = OrtPairRunner(self.onnx_path)
-            elif runtime == "openvino":
+            if runtime in ("onnxruntime", "openvino"):
+                from pqk.backends.onnx_export import OrtPairRunner, ShapeRoutedRunner
                 from pqk.backends.openvino_runtime import OvPairRunner
 
-                self._runners[runtime] = OvPairRunner(self.onnx_path)
+                # The QDQ file and its static-shape variants beside it (one per workload shape).
+                self._runners[runtime] = ShapeRoutedRunner(
+                    self.onnx_path, OrtPairRunner if runtime == "onnxruntime" else OvPairRunner)
             else:
                 from pqk.backends.torch_int8 import int8_model_from_qdq
 
@@ -93,10 +92,15 @@ class QuantizedModel:
         return self.runner(runtime)(view1, view2)
 
     def save(self, path: str | Path) -> Path:
-        """Copy the QDQ ONNX file to `path` (what a deployment loads)."""
+        """Copy the QDQ ONNX file to `path` (what a deployment loads), and its static-shape
+        variants beside it under the matching names."""
+        from pqk.backends.onnx_export import shape_variant_path, shape_variants
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.onnx_path, path)
+        for shapes, variant in shape_variants(self.onnx_path).items():
+            shutil.copyfile(variant, shape_variant_path(path, shapes))
         return path
 
     def step_result(self, runtime: str = "onnxruntime") -> StepResult:
@@ -110,10 +114,13 @@ class QuantizedModel:
 
 
 def quantize(model: torch.nn.Module, spec: Any = None, calib: Sequence[tuple] | None = None, *,
-             out_dir: str | Path | None = None, shape: tuple[int, int] = (384, 512)) -> QuantizedModel:
+             out_dir: str | Path | None = None, shape: tuple[int, int] = (384, 512),
+             other_shapes: Sequence[tuple[int, int]] = ()) -> QuantizedModel:
     """Post-training W8A8 quantization of `model` at input `shape` (height, width; the INT8
     graph is static): exported to ONNX, calibrated, written as `out_dir/ptq_int8.onnx` (int8
-    per-channel weights, the spec's keep-list in float). `spec`: a `pqk.QuantSpec`; `calib`:
+    per-channel weights, the spec's keep-list in float). `other_shapes` (height, width) get
+    their own static files beside it with the same scales (`ptq_int8.336x512.onnx`); the
+    runners pick the file by the pair's shape. `spec`: a `pqk.QuantSpec`; `calib`:
     (img1, img2) float32 arrays of shape (1, 3, H, W) in [-1, 1] (default: the spec's generated
     calibration pairs, never evaluation data)."""
     from pqk.methods.quantize import QuantSpec, calibration_pairs
@@ -124,7 +131,8 @@ def quantize(model: torch.nn.Module, spec: Any = None, calib: Sequence[tuple] | 
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="pqk-q-"))
     model = model.eval()
     calib = list(calib) if calib is not None else calibration_pairs(spec, width, height)
-    result = quantize_graph(model, spec, calib, folder, height, width)
+    result = quantize_graph(model, spec, calib, folder, height, width,
+                            other_shapes=[((int(h), int(w)), (int(h), int(w))) for h, w in other_shapes])
     from pqk.backends.openvino_runtime import openvino_available
     from pqk.backends.torch_int8 import onednn_int8_available
 

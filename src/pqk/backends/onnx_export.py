@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +399,67 @@ class OrtPairRunner(PairGraphRunner):
         return self.session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, imgs)))
 
 
+# --- one deployed model, one static file per pair shape --------------------------------------
+
+PairShapes = tuple[tuple[int, int], tuple[int, int]]  # ((H1, W1), (H2, W2)) of view 1 and view 2
+_VARIANT_TAG = re.compile(r"^(\d+)x(\d+)(?:_(\d+)x(\d+))?$")
+
+
+def shape_variant_path(path: str | os.PathLike[str], shapes: PairShapes) -> Path:
+    """Where the file of `path`'s model for another pair shape lives: `<stem>.<H>x<W>.onnx`
+    (both views alike) or `<stem>.<H1>x<W1>_<H2>x<W2>.onnx`, beside `path`."""
+    path = Path(path)
+    (h1, w1), (h2, w2) = shapes
+    tag = f"{h1}x{w1}" if (h1, w1) == (h2, w2) else f"{h1}x{w1}_{h2}x{w2}"
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def shape_variants(path: str | os.PathLike[str]) -> dict[PairShapes, Path]:
+    """The files beside `path` that hold its model at other pair shapes, by shape."""
+    path = Path(path)
+    found: dict[PairShapes, Path] = {}
+    for candidate in sorted(path.parent.glob(f"{glob.escape(path.stem)}.*{path.suffix}")):
+        tag = candidate.name[len(path.stem) + 1: -len(path.suffix)]
+        match = _VARIANT_TAG.match(tag)
+        if match:
+            h1, w1, h2, w2 = (int(g) if g else None for g in match.groups())
+            found[((h1, w1), (h2 or h1, w2 or w1))] = candidate  # type: ignore[assignment]
+    return found
+
+
+def pair_shapes_of(view1: Mapping[str, Any], view2: Mapping[str, Any]) -> PairShapes:
+    (h1, w1), (h2, w2) = (tuple(int(s) for s in v["img"].shape[-2:]) for v in (view1, view2))
+    return (h1, w1), (h2, w2)
+
+
+class ShapeRoutedRunner:
+    """A deployed model kept as one static-shape file per pair shape: the primary file (the
+    workload's generated shape) and the variants the quantizer wrote beside it for the
+    workload's other shapes (`shape_variant_path`), all with the same weights and activation
+    scales. Each pair runs on the file exported for its views' shapes, opened on first use by
+    `open_file` (an ONNX Runtime or OpenVINO runner class)."""
+
+    def __init__(self, path: str | os.PathLike[str], open_file: Callable[[Path], PairGraphRunner]):
+        self.primary = open_file(Path(path))
+        self.files = shape_variants(path)
+        self._open = open_file
+        first = tuple((int(s[-2]), int(s[-1])) for s in self.primary.input_shapes)
+        self.runners: dict[PairShapes, PairGraphRunner] = {first: self.primary}  # type: ignore[dict-item]
+
+    def supports(self, view1: Mapping[str, Any], view2: Mapping[str, Any]) -> bool:
+        shapes = pair_shapes_of(view1, view2)
+        if shapes in self.runners:
+            return tuple(self.runners[shapes].input_shapes[0]) == tuple(view1["img"].shape)
+        return shapes in self.files and int(view1["img"].shape[0]) == int(self.primary.input_shapes[0][0])
+
+    def __call__(self, view1: Mapping[str, Any], view2: Mapping[str, Any]) -> tuple[dict, dict]:
+        shapes = pair_shapes_of(view1, view2)
+        if shapes not in self.runners and shapes in self.files:
+            self.runners[shapes] = self._open(self.files[shapes])
+        # A shape without a file falls to the primary runner, whose error names the shapes it takes.
+        return self.runners.get(shapes, self.primary)(view1, view2)
+
+
 # --- agreement with torch -------------------------------------------------------------------
 
 
@@ -452,7 +515,11 @@ __all__ = [
     "OrtPairRunner",
     "PairGraphRunner",
     "PairGraphModule",
+    "PairShapes",
+    "ShapeRoutedRunner",
     "compare_with_torch",
     "export_onnx",
     "lower_ir_version",
+    "shape_variant_path",
+    "shape_variants",
 ]

@@ -24,7 +24,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,23 +186,26 @@ def train_qat(
 
 def export_with_ranges(
     plain: nn.Module, ranges: dict[str, tuple[float, float]], quant_spec: Any, calib: list, out_dir: str | Path,
-    height: int, width: int, name: str,
+    height: int, width: int, name: str, other_shapes: Sequence = (),
 ) -> dict:
     """A float model as a QDQ file through the PTQ path, with `ranges` (module path -> the
-    float range of its input) imposed on the Linear inputs instead of calibrated ones."""
+    float range of its input) imposed on the Linear inputs instead of calibrated ones;
+    `other_shapes` as in `pqk.methods.quantize.quantize`."""
     from pqk.backends.onnx_export import export_onnx
     from pqk.methods.quantize import quantize_ptq
+    from pqk.methods.quantize.ptq import export_variants
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32 = export_onnx(plain.eval(), out_dir / name.replace("int8", "fp32"), height, width)
-    summary = quantize_ptq(fp32, out_dir / name, quant_spec, calib, activation_ranges=ranges)
+    variants = export_variants(plain, fp32, out_dir / name, other_shapes)
+    summary = quantize_ptq(fp32, out_dir / name, quant_spec, calib, activation_ranges=ranges, variants=variants)
     return {"onnx_int8": out_dir / name, "onnx_fp32": fp32, "summary": summary}
 
 
 def export_qat(
     qat_model: nn.Module, quant_spec: Any, calib: list, out_dir: str | Path, height: int, width: int,
-    name: str = "qat_int8.onnx",
+    name: str = "qat_int8.onnx", other_shapes: Sequence = (),
 ) -> dict:
     """The QAT model as a QDQ file (same form as PTQ's) with its own activation scales, plus
     `quant_ckpt.pth`: the trained float weights (a DUSt3R checkpoint) with the scales in its
@@ -212,7 +215,7 @@ def export_qat(
     start = time.perf_counter()
     plain = strip_qat(qat_model).eval()
     ranges = activation_ranges(qat_model)
-    exported = export_with_ranges(plain, ranges, quant_spec, calib, out_dir, height, width, name)
+    exported = export_with_ranges(plain, ranges, quant_spec, calib, out_dir, height, width, name, other_shapes)
     ckpt = save_model(plain, Path(out_dir) / "quant_ckpt.pth", history=[{
         "step": "qat", "activation_ranges": {k: list(v) for k, v in ranges.items()},
         "quant_spec": quant_spec.to_dict(),

@@ -63,6 +63,16 @@ def workload_shape(workload: Workload) -> tuple[int, int]:
     return res * 3 // 4, res  # 4:3 landscape, the generated scenes' aspect
 
 
+def other_shapes(workload: Workload, height: int, width: int) -> list:
+    """The workload's pair shapes other than the main (height, width) one: each gets its own
+    static file of the quantized model, so every pair (the real photographs included) is
+    measured on the deployed runtime."""
+    from pqk.tasks.dust3r.workload import pair_shapes
+
+    main = ((height, width), (height, width))
+    return [s for s in pair_shapes(workload) if s != main]
+
+
 def budget_calibration(spec: QuantSpec, budget: float) -> tuple[QuantSpec, list[str]]:
     """The spec with its calibration size scaled down by a budget < 1 (never below 16 pairs)."""
     if budget >= 1.0:
@@ -193,7 +203,8 @@ def ptq(
 
         float_modules = float_modules_of(model, float_groups)
     name = "ptq_int8_autokeep.onnx" if float_groups else "ptq_int8.onnx"
-    result = quantize(model, spec, calib, out_dir, height, width, float_modules=float_modules, name=name)
+    result = quantize(model, spec, calib, out_dir, height, width, float_modules=float_modules, name=name,
+                      other_shapes=other_shapes(ctx.workload, height, width))
     if float_groups:
         result["record_fields"]["keep_list"] += "+float:" + ",".join(float_groups)
     summary = result["summary"]
@@ -267,7 +278,8 @@ def qat_after_ptq(
     qat_model, fit = train_qat(ptq_outcome.float_model, ptq_outcome.onnx_int8, qat_spec, out_dir / "qat",
                                teacher=teacher, resume=ctx.resume, log=ctx.log, show_progress=show_progress)
     ctx.log("QAT: export to QDQ with the trained scales")
-    exported = export_qat(qat_model, spec, calibration_pairs(spec, width, height), out_dir, height, width)
+    exported = export_qat(qat_model, spec, calibration_pairs(spec, width, height), out_dir, height, width,
+                          other_shapes=other_shapes(ctx.workload, height, width))
     int8_model = None
     details = {"ptq": exported["summary"], "onnx_fp32": str(exported["onnx_fp32"]),
                "qat": {"epochs": len(fit.history), "steps": fit.steps_done, "wall_time_s": fit.wall_time_s,

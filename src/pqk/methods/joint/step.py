@@ -22,7 +22,8 @@ def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ..
     PtqOutcome)."""
     from pqk.backends.torch_int8 import int8_model_from_qdq, onednn_int8_available
     from pqk.methods.qat import export_with_ranges
-    from pqk.methods.quantize_step import PtqOutcome, budget_calibration, fastest_runtime, side_by_side_latency, workload_shape
+    from pqk.methods.quantize_step import (PtqOutcome, budget_calibration, fastest_runtime, other_shapes,
+                                          side_by_side_latency, workload_shape)
     from pqk.models.dust3r import save_model
 
     start = time.perf_counter()
@@ -42,8 +43,8 @@ def joint_step(teacher: nn.Module, ctx, spec: JointSpec, runtimes: tuple[str, ..
                 "activation_ranges": {k: list(v) for k, v in outcome.ranges.items()}}]
     checkpoint = save_model(outcome.model, out_dir / JOINT_FILE, history=history)
     ctx.log("joint PQK: export to QDQ with the trained scales")
-    exported = export_with_ranges(outcome.model, outcome.ranges, quant, calib_pairs,
-                                  out_dir, height, width, name="joint_int8.onnx")
+    exported = export_with_ranges(outcome.model, outcome.ranges, quant, calib_pairs, out_dir, height, width,
+                                  name="joint_int8.onnx", other_shapes=other_shapes(ctx.workload, height, width))
     int8_model, details = None, {}
     if "onednn" in runtimes:
         if onednn_int8_available():

@@ -39,14 +39,18 @@ def _extra_options(spec: QuantSpec, op_types: Sequence[str]) -> dict[str, Any]:
 
 def _run_quantizer(
     prepared: Path, raw_out: Path, plan: _Plan, graph: _Graph, spec: QuantSpec, calib: Sequence[Any],
-    activation_ranges: Mapping[str, tuple[float, float]] | None = None,
-) -> int:
+    activation_ranges: Mapping[str, tuple[float, float]] | None = None, cache: Path | None = None,
+) -> tuple[int, Path]:
+    """Quantize `prepared` into `raw_out`; returns (imposed ranges, the calibration cache). A
+    given `cache` (the ranges of the same graph at another input shape: tensor names do not
+    depend on the shape) is used as it is, without calibrating."""
     op_types = plan.op_types(graph)
     imposed = 0
     with _quiet_ort():
-        cache = _calibrate(prepared, graph, plan, spec, calib)
-        if activation_ranges:
-            imposed = _impose_ranges(cache, graph, plan, activation_ranges)
+        if cache is None:
+            cache = _calibrate(prepared, graph, plan, spec, calib)
+            if activation_ranges:
+                imposed = _impose_ranges(cache, graph, plan, activation_ranges)
         quantize_static(
             model_input=str(prepared),
             model_output=str(raw_out),
@@ -65,7 +69,7 @@ def _run_quantizer(
             calibrate_method=CALIBRATION_METHODS[spec.calibration.method],
             extra_options=_extra_options(spec, op_types),
         )
-    return imposed
+    return imposed, cache
 
 
 def _drop_unused_opsets(proto: onnx.ModelProto) -> None:

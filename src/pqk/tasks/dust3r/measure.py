@@ -75,18 +75,22 @@ class OrtRunner:
         self.threads = threads
         self.tmp = tempfile.TemporaryDirectory(prefix="pqk-ort-")
         self.sessions: dict[tuple, object] = {}
-        self.fixed = self._cls(onnx_path, threads=threads) if onnx_path is not None else None
+        self.fixed = None
+        if onnx_path is not None:
+            from pqk.backends.onnx_export import ShapeRoutedRunner
+
+            self.fixed = ShapeRoutedRunner(onnx_path, lambda path: self._cls(path, threads=threads))
         self.exported: list[str] = []
         kind = "fp32" if onnx_path is None else f"file {Path(onnx_path).name}"
+        if self.fixed is not None and self.fixed.files:
+            kind += f" (+{len(self.fixed.files)} static-shape variant{'s' if len(self.fixed.files) > 1 else ''})"
         if engine == "openvino":
-            kind += f", {self.fixed.precision}" if self.fixed is not None else ", f32"
+            kind += f", {self.fixed.primary.precision}" if self.fixed is not None else ", f32"
         device = "CPU" if engine == "openvino" else "CPUExecutionProvider"
         self.description = f"{engine} {kind} ({device}, {threads or 'default'} threads)"
 
     def supports(self, view1: dict, view2: dict) -> bool:
-        if self.fixed is None:
-            return True
-        return tuple(self.fixed.input_shapes[0]) == tuple(view1["img"].shape) and tuple(self.fixed.input_shapes[1]) == tuple(view2["img"].shape)
+        return self.fixed is None or self.fixed.supports(view1, view2)
 
     def __call__(self, view1: dict, view2: dict):
         if self.fixed is not None:
@@ -214,7 +218,7 @@ def measure(model: torch.nn.Module | None, workload: Workload, scenes: dict, *, 
         say("real-photograph check (Middlebury motorcycle)")
         real, _ = _pair_quality(runner, scenes, workload.real_pairs, skipped)
     if skipped:
-        notes.append(f"pairs skipped (shape differs from the ONNX model's static input): {len(skipped)}")
+        notes.append(f"pairs skipped (no static-shape file of the ONNX model for their shape): {len(skipped)}")
 
     say(f"latency: {warmup} warm-up + {repeats} timed pairs, batch 1")
     timed = [(scene_view(scenes[n], i, device), scene_view(scenes[n], j, device)) for n, i, j in workload.pairs]

@@ -90,6 +90,29 @@ def load_scenes(workload: Workload, check_hash: bool = True) -> dict[str, object
     return by_name
 
 
+def pair_shapes(workload: Workload) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The distinct ((H1, W1), (H2, W2)) image shapes of the workload's pairs and real pairs, in
+    first-use order: the static shapes a deployed ONNX model must cover to measure all of them.
+    Generated scenes are not rendered for this (their shape is in the data spec)."""
+    data = workload.data or {}
+    if data.get("kind") == "generated" and "height" in data:
+        shapes = [((int(data["height"]), int(data["width"])),) * 2] if workload.pairs else []
+        scenes: dict = {}
+    else:
+        scenes = {s.name: s for s in _build_scenes(data, workload.resolution)}
+        shapes = []
+    if workload.real_pairs:
+        from pqk.data.motorcycle import motorcycle_scene
+
+        scenes[MOTORCYCLE] = motorcycle_scene(workload.resolution)
+    for name, i, j in [*(workload.pairs if not shapes else []), *workload.real_pairs]:
+        views = scenes[name].views
+        shape = (tuple(views[i].img.shape[:2]), tuple(views[j].img.shape[:2]))
+        if shape not in shapes:
+            shapes.append(shape)  # type: ignore[arg-type]
+    return shapes  # type: ignore[return-value]
+
+
 def make_workload(
     data: Path | None = None,
     n_pairs: int = 20,
