@@ -173,6 +173,8 @@ def test_grid_config(tmp_path):
     grid = load_distill_config("configs/distill.yaml")
     assert [grid.exp_id(n) for n in grid.runs] == ["K_T3B05_run1", "K_T5B05_run1", "K_T3B05_sched_run1", "K_taskonly_run1"]
     assert grid.runs["K-1"].train.patience == 3 and grid.runs["K-1"].train.epochs == 30
+    # Students end at the workload's resolution and are validated there (issue 18's recipe).
+    assert grid.runs["K-1"].train.stages()[-1][1:3] == (512, 384) and grid.runs["K-1"].train.val_size() == (512, 384)
     assert grid.select == {"K-4": ["K-1", "K-2", "K-3"]}
     assert parse_runs(None, grid) == ["K-1", "K-2", "K-3", "control", "K-4"]
     with pytest.raises(InputError, match="'K-9'"):

@@ -53,6 +53,8 @@ def project(tmp_path_factory) -> Path:
             {"id": "KQ", "steps": [{"method": "distill", "config": "distill.yaml", "run": "K-1"},
                                    {"method": "quantize", "config": "quant.yaml", "qat": "never"}]},
             {"id": "P", "steps": [{"method": "prune", "config": "prune.yaml", "rho": 0.3}]},
+            # The same K at half the budget: a point of the budget-vs-quality curve.
+            {"id": "K_half", "budget": 0.5, "steps": [{"method": "distill", "config": "distill.yaml", "run": "K-1"}]},
         ],
     }
     (root / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
@@ -73,6 +75,11 @@ def test_plans_parse_and_dependencies_are_derived(project) -> None:
     plan = load_plan(project / "plan.yaml")
     by_id = {e.id: e for e in plan.experiments}
     assert [e.id for e in plan.prefixes(by_id["KQ"])] == ["baseline", "K"]
+    assert by_id["K_half"].budget == 0.5 and by_id["K"].budget is None
+    bad_budget = project / "bad_budget.yaml"
+    bad_budget.write_text(yaml.safe_dump({"name": "x", "experiments": [{"id": "a", "budget": 0, "steps": []}]}))
+    with pytest.raises(ConfigError, match="experiment 'a': budget 0 must be a number > 0"):
+        load_plan(bad_budget)
     assert (by_id["K"].stage, by_id["Q"].stage, by_id["KQ"].stage, by_id["P"].stage) == ("P1", "P2", "P3", "P4")
     assert by_id["KQ"].combo == "KQ"
     for name in ("minimal", "medium", "best"):
@@ -101,7 +108,7 @@ def test_plan_runs_caches_and_resumes_after_a_kill(project, tmp_path) -> None:
     assert clean.returncode == 0, err[-3000:]
     run_dir = tmp_path / "clean" / "tiny"
     table = _table(run_dir / "result_table.csv")
-    assert set(table) == {"P0_teacher_run1", "K_K1_run1", "Q_PTQ_run1", "KQ_PTQ_run1", "P_r030_run1"}
+    assert set(table) == {"P0_teacher_run1", "K_K1_run1", "Q_PTQ_run1", "KQ_PTQ_run1", "P_r030_run1", "K_K1_bud0p5_run1"}
     assert table["P_r030_run1"]["rho"] == "0.3"
     assert float(table["P_r030_run1"]["params_M"]) < float(table["P0_teacher_run1"]["params_M"])
     rows = {r["exp_id"]: r for r in csv.DictReader((run_dir / "result_table.csv").open())}
@@ -109,13 +116,19 @@ def test_plan_runs_caches_and_resumes_after_a_kill(project, tmp_path) -> None:
     assert float(rows["K_K1_run1"]["params_M"]) < float(rows["P0_teacher_run1"]["params_M"])
     kq = json.loads((run_dir / "KQ_PTQ_run1_eval.json").read_text())["details"]
     assert kq["gate"]["stage"] == "P3" and kq["gate"]["reference"] == "K_K1_run1"  # the FP32 student
-    # K→Q reused K's distillation: one distill step folder for both.
-    assert len(list((run_dir / "steps").glob("distill-*"))) == 1
+    # K→Q reused K's distillation: one distill step folder for both, another for K at budget 0.5
+    # (2 epochs -> 1).
+    assert len(list((run_dir / "steps").glob("distill-*"))) == 2
+    half = json.loads((run_dir / "K_K1_bud0p5_run1_eval.json").read_text())
+    assert len(half["details"]["step"]["distill"]["history"]) == 1 and "at budget 0.5" in half["record"]["notes"]
+    assert half["details"]["gate"]["reference"] == "P0_teacher_run1"
     log = [json.loads(line) for line in (run_dir / "execution_log.jsonl").read_text().splitlines()]
     assert {"date", "task_id", "input", "output", "verdict", "gpu_hours", "notes"} <= set(log[0])
     status = json.loads((run_dir / "run.json").read_text())
-    assert [e["state"] for e in status["experiments"]] == ["done"] * 5
-    assert "K_K1_run1" in (run_dir / "report" / "results.md").read_text()  # pqk run writes the report
+    assert [e["state"] for e in status["experiments"]] == ["done"] * 6
+    results_md = (run_dir / "report" / "results.md").read_text()
+    assert "K_K1_run1" in results_md  # pqk run writes the report
+    assert "Quality against training budget" in results_md and (run_dir / "report" / "budget_curve.png").is_file()
     assert (run_dir / "report" / "report.html").is_file()
 
     # Rerun: everything cached, nothing trained or measured again.

@@ -115,3 +115,7 @@ def test_plan_step_measures_the_fastest_runtime() -> None:
     assert fastest_runtime(outcome(250.0, 300.0, 240.0), every) == "openvino"
     assert fastest_runtime(outcome(230.0, 300.0, 240.0), every) == "openvino"  # a near-tie: no flip
     assert fastest_runtime(outcome(200.0, 300.0, 240.0), every) == "onnxruntime"
+    # A timing taken on a loaded machine decides nothing: the preference stands.
+    loaded = outcome(200.0, 80.0, 240.0)
+    loaded.details["latency_side_by_side"]["contention"] = {"others_share": 0.6, "contended": True}
+    assert fastest_runtime(loaded, every) == "openvino"

@@ -190,6 +190,13 @@ def test_joint_table_sets_joint_beside_sequential():
     fp32 = Record("PQK_joint_r010_K1_FP32_run1", "PQK", params_M=2.4, delta1=0.83)
     assert joint_table([RECORDS[0], pkq]) is None  # no joint run: no section
     table = joint_table([RECORDS[0], pkq, fp32, pqk])
-    assert [r[0] for r in table.rows] == ["PQK_joint_r010_K1_run1", "PKQ_PTQ_run1", "joint − sequential"]
+    assert [r[0] for r in table.rows] == ["PQK_joint_r010_K1_run1", "PKQ_PTQ_run1", "joint − P→K→Q"]
     diff = dict(zip(table.headers, table.rows[-1]))
     assert diff["δ1 ↑"] == "0.02" and diff["GPU-h"] == "-0.3" and diff["p50 (ms)"] == "-10"
+    # The matched comparison: rho applied to the distilled student, the joint run's final size.
+    kpq = Record("KPQ_PTQ_run1", "KPQ", params_M=2.4, size_MB=2.9, t_pair_p50_ms=92.0, delta1=0.81, gpu_hours=0.4)
+    table = joint_table([RECORDS[0], pkq, fp32, pqk, kpq])
+    assert [r[0] for r in table.rows] == ["PQK_joint_r010_K1_run1", "PKQ_PTQ_run1", "KPQ_PTQ_run1",
+                                          "joint − P→K→Q", "joint − K→P→Q"]
+    matched = dict(zip(table.headers, table.rows[-1]))
+    assert matched["params (M)"] == "0" and matched["δ1 ↑"] == "0.01"

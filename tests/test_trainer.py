@@ -28,6 +28,11 @@ def _spec(**over) -> TrainSpec:
     return TrainSpec(**{**base, **over})
 
 
+def _staged() -> TrainSpec:
+    """Half the steps at 64x48 (batch 2), then 96x64 (batch 1): the students' progressive recipe."""
+    return _spec(resolution_schedule=[[0.5, 96, 64, 1]])
+
+
 def task_loss(model, view1, view2, gt, progress):
     res1, res2 = model(view1, view2)
     return conf_regression_loss(res1, res2, gt)
@@ -47,6 +52,11 @@ def test_spec_rejects_bad_values_in_one_line():
         _spec(scene_seed_base=42)
     with pytest.raises(ConfigError, match="unknown train field 'epoch'"):
         TrainSpec.from_dict({"epoch": 3})
+    for bad in ([[0.0, 96, 64, 1]], [[0.5, 100, 64, 1]], [[0.5, 96, 64]], [[0.7, 96, 64, 1], [0.5, 96, 64, 1]]):
+        with pytest.raises(ConfigError, match="train.resolution_schedule"):
+            _spec(resolution_schedule=bad)
+    with pytest.raises(ConfigError, match="give both or neither"):
+        _spec(val_width=96)
     scaled = TrainSpec(epochs=30, n_scenes=64).scaled(0.1)
     assert (scaled.epochs, scaled.n_scenes) == (3, 6)
     assert TrainSpec(epochs=30, n_scenes=64).scaled(2.0).n_scenes == 64
@@ -77,19 +87,39 @@ sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads({threads})
 from pathlib import Path
-from test_trainer import _spec, _tiny, task_loss
+from test_trainer import _staged, _tiny, task_loss
 from pqk.train.trainer import fit
 
 def die(step, logs):
     if step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
 
-fit(_tiny(), task_loss, _spec(), Path({out!r}), show_progress=False, log=lambda _m: None, on_step=die)
+fit(_tiny(), task_loss, _staged(), Path({out!r}), show_progress=False, log=lambda _m: None, on_step=die)
 """
 
 
+def test_progressive_resolution_switches_size_and_batch_and_validates_at_the_end_size(tmp_path):
+    seen = []
+
+    def recording(model, view1, view2, gt, progress):
+        seen.append((tuple(view1["img"].shape), progress))
+        return task_loss(model, view1, view2, gt, progress)
+
+    spec = _staged()
+    assert spec.val_size() == (96, 64) and _spec().val_size() == (64, 48)
+    assert _spec(resolution_schedule=[[0.5, 96, 64, 1]], val_width=128, val_height=96).val_size() == (128, 96)
+    fit(_tiny(), recording, spec, tmp_path, show_progress=False, log=lambda _m: None)
+    # 12 steps: 0..5 at progress < 0.5, 6..11 from 0.5 on.
+    assert [shape for shape, _ in seen] == [(2, 3, 48, 64)] * 6 + [(1, 3, 64, 96)] * 6
+    from pqk.train.trainer import validation_examples
+
+    assert {tuple(e["img1"].shape[-2:]) for e in validation_examples(spec)} == {(64, 96)}
+
+
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    full = fit(_tiny(), task_loss, _spec(), tmp_path / "full", show_progress=False, log=lambda _m: None)
+    # The run switches resolution at step 6 (_staged): the resumed run must pick up both the
+    # stage and the one random stream its samplers share.
+    full = fit(_tiny(), task_loss, _staged(), tmp_path / "full", show_progress=False, log=lambda _m: None)
 
     # Killed at step 7: epoch 2 of 3 (4 steps each), one step after the mid-epoch checkpoint at 6.
     script = _KILLED_RUN.format(tests=str(TESTS), threads=torch.get_num_threads(), kill_at=7, out=str(tmp_path / "killed"))
@@ -99,7 +129,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     state = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
     assert state["step"] == 6 and state["epoch_sums"]  # mid-epoch
 
-    resumed = fit(_tiny(), task_loss, _spec(), tmp_path / "killed", show_progress=False, log=lambda _m: None)
+    resumed = fit(_tiny(), task_loss, _staged(), tmp_path / "killed", show_progress=False, log=lambda _m: None)
     assert resumed.history == [{**h, "elapsed_s": r["elapsed_s"]} for h, r in zip(full.history, resumed.history)]
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k

@@ -11,6 +11,7 @@ network as the methods' real losses do (their own arithmetic is negligible next 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from dataclasses import dataclass, fields
@@ -167,18 +168,28 @@ class Costing:
             self.notes.append(text)
 
     def train(self, step: str, label: str, model: CostModel, spec, target: CostModel | None) -> list[Item]:
-        """A training run: steps x train-step probe, plus validation pairs every epoch."""
-        flops, secs = self.probe.train_step(model.name, model.module, spec.width, spec.height, spec.batch_size,
-                                            target.module if target else None, target.name if target else "")
-        n = spec.epochs * spec.steps_per_epoch
-        vf, vs = self.probe.forward(model.name, model.module, spec.width, spec.height)
+        """A training run: steps x train-step probe per resolution stage, plus validation pairs
+        every epoch."""
+        total = spec.epochs * spec.steps_per_epoch
+        stages = spec.stages()
+        items = []
+        for k, (start, width, height, batch) in enumerate(stages):
+            end = stages[k + 1][0] if k + 1 < len(stages) else 1.0
+            # The steps whose progress (step / total) falls in [start, end).
+            n = math.ceil(end * total) - math.ceil(start * total)
+            if n <= 0:
+                continue
+            flops, secs = self.probe.train_step(model.name, model.module, width, height, batch,
+                                                target.module if target else None, target.name if target else "")
+            what = f"{spec.epochs} epochs x {spec.steps_per_epoch} steps" if len(stages) == 1 else f"{n} of {total} steps"
+            items.append(Item(step, f"{label}: {what}, batch {batch} at {width}x{height}"
+                                    + (f" (+ {target.name} forward)" if target else ""), n * flops, n * secs))
+        val_width, val_height = spec.val_size()
+        vf, vs = self.probe.forward(model.name, model.module, val_width, val_height)
         nv = spec.epochs * spec.val_pairs
-        return [
-            Item(step, f"{label}: {spec.epochs} epochs x {spec.steps_per_epoch} steps, batch {spec.batch_size} "
-                       f"at {spec.width}x{spec.height}" + (f" (+ {target.name} forward)" if target else ""),
-                 n * flops, n * secs),
-            Item(step, f"{label} validation: {spec.epochs} epochs x {spec.val_pairs} pairs", nv * vf, nv * vs),
-        ]
+        items.append(Item(step, f"{label} validation: {spec.epochs} epochs x {spec.val_pairs} pairs"
+                                + (f" at {val_width}x{val_height}" if len(stages) > 1 else ""), nv * vf, nv * vs))
+        return items
 
     def forwards(self, step: str, what: str, model: CostModel, count: int, width: int, height: int) -> Item:
         f, s = self.probe.forward(model.name, model.module, width, height)

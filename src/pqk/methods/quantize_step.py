@@ -320,17 +320,22 @@ def fastest_runtime(outcome: PtqOutcome, wanted: tuple[str, ...]) -> str:
     """The asked-for runtime the step deploys: OpenVINO where it is asked for and installed (the
     fastest runtime of the QDQ file on every model timed here: full-size 1.54x ONNX Runtime,
     student 1.45x, embedded and tiny teachers 1.3-2x), else ONNX Runtime, each unless another
-    asked-for runtime is more than `TIE_MARGIN` faster in the side-by-side timing. A fixed
-    preference, not the raw fastest: which runtime's quality a record reports must not flip with
-    the timing noise of a near-tie, so a rerun of a plan gives the same quality figures."""
+    asked-for runtime is more than `TIE_MARGIN` faster in the side-by-side timing (ignored when
+    that timing was contended). A fixed preference, not the raw fastest: which runtime's quality
+    a record reports must not flip with the timing noise of a near-tie or of a loaded machine, so
+    a rerun of a plan gives the same quality figures."""
     available = [r for r in wanted if r in outcome.runtimes()] or outcome.runtimes()
-    variants = (outcome.details.get("latency_side_by_side") or {}).get("variants", {})
+    side = outcome.details.get("latency_side_by_side") or {}
+    preferred = next((r for r in ("openvino", "onnxruntime") if r in available), available[0])
+    if (side.get("contention") or {}).get("contended"):
+        # Timings taken while other processes held the cores say nothing about the runtimes.
+        return preferred
+    variants = side.get("variants", {})
 
     def p50(runtime: str) -> float:
         return variants.get(RUNTIME_LATENCY_KEY[runtime], {}).get("p50_ms", float("inf"))
 
     best = min(available, key=p50)
-    preferred = next((r for r in ("openvino", "onnxruntime") if r in available), best)
     return best if p50(best) < p50(preferred) * (1.0 - TIE_MARGIN) else preferred
 
 

@@ -217,10 +217,13 @@ def _bills(plan: Plan, costing: Costing) -> list[tuple[Experiment, list[Item]]]:
 
     done: dict[str, tuple[str, CostModel, list[Item]]] = {}
     bills = []
+    plan_budget = costing.budget
     for exp in plan.experiments:
         items: list[Item] = []
         model = costing.teacher
-        chain: list[str] = []
+        # An experiment with its own budget trains and calibrates at it whatever the plan's is.
+        costing.budget = plan_budget if exp.budget is None else exp.budget
+        chain: list[str] = [f"budget={costing.budget!r}"]
         for k, step in enumerate(exp.steps):
             chain.append(_step_key(step))
             key = "|".join(chain)
@@ -239,6 +242,7 @@ def _bills(plan: Plan, costing: Costing) -> list[tuple[Experiment, list[Item]]]:
             done[key] = (exp.id, model, new_items)
         items.append(costing.evaluation(model))
         bills.append((exp, items))
+    costing.budget = plan_budget
     return bills
 
 

@@ -36,7 +36,7 @@ ABLATIONS = ("keep", "calib", "loss")  # P5: ABL-1 keep-list, ABL-2 calibration 
 GATE_POLICIES = ("stop", "record")
 _PLAN_KEYS = {"name", "description", "teacher", "workload", "budget", "gate_policy", "experiments",
               "estimate_h100_hours", "gates", "task"}
-_EXPERIMENT_KEYS = {"id", "steps", "ablation", "description", "estimate_h100_hours", "exp_id"}
+_EXPERIMENT_KEYS = {"id", "steps", "ablation", "description", "estimate_h100_hours", "exp_id", "budget"}
 _GATE_KEYS = {"max_quality_drop", "min_latency_cut", "min_size_cut"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names that become file names
 
@@ -105,6 +105,9 @@ class Experiment:
     combo_override: str | None = None  # a command quantizing a student names its combo (KQ)
     stage_override: str | None = None
     folder: str | None = None  # the steps' folder, relative to the run folder (None: steps/<method>-<key>)
+    # This experiment's own budget (None: the plan's): one plan can then hold the same steps at
+    # several budgets, the points of a budget-vs-quality curve (exp_id gets a _bud<b> part).
+    budget: float | None = None
 
     @property
     def combo(self) -> str:
@@ -183,7 +186,7 @@ class Plan:
         """Experiments whose steps are a proper prefix of `experiment`'s (its dependencies)."""
         n = len(experiment.steps)
         return [e for e in self.experiments if e is not experiment and len(e.steps) < n
-                and e.steps == experiment.steps[: len(e.steps)]]
+                and e.steps == experiment.steps[: len(e.steps)] and (not e.steps or e.budget == experiment.budget)]
 
     def validate_specs(self) -> None:
         """Read every step's spec (run names, values, referenced files): a plan is checked whole
@@ -273,8 +276,12 @@ class _Reader:
         name = raw.get("exp_id")
         if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
             raise ConfigError(f"plan {self.path}: experiment {exp_id!r}: exp_id {name!r} must be letters, digits, '.', '-', '_'")
+        budget = raw.get("budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            raise ConfigError(f"plan {self.path}: experiment {exp_id!r}: budget {budget!r} must be a number > 0")
         return Experiment(exp_id, steps, ablation if ablation in ABLATIONS else None, str(raw.get("description", "")),
-                          estimate_range(raw.get("estimate_h100_hours", top_estimates.get(exp_id))), name)
+                          estimate_range(raw.get("estimate_h100_hours", top_estimates.get(exp_id))), name,
+                          budget=None if budget is None else float(budget))
 
     def _check_order(self, exp_id: str, steps: list[PlanStep]) -> None:
         known = [(s, s.impl) for s in steps if s.method in method_names(self.family)]

@@ -114,6 +114,11 @@ def _keyparams(steps: list[PlanStep], fields: dict, details: dict | None = None)
     return last.impl.keyparams(last.options, StepResult(None, None, fields=fields, details=details or {}))
 
 
+def budget_tag(budget: float | None) -> str:
+    """The exp_id part of an experiment's own budget: _bud0p5 for 0.5 ('' for the plan's)."""
+    return "" if budget is None else "_bud" + f"{budget:g}".replace(".", "p")
+
+
 def _done_summary(result: StepResult) -> dict:
     return {"artifact": str(result.artifact), "fields": result.fields, "device_hours": result.device_hours,
             "backend": result.backend, "onnx_path": None if result.onnx_path is None else str(result.onnx_path),
@@ -194,11 +199,20 @@ class PlanRunner:
         header = f"# {self.plan.path} as run by pqk run with command-line overrides\n"
         atomic_write_text(target, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
 
-    def _ctx(self, out_dir: Path, stage: str | None = None) -> StepContext:
+    def _ctx(self, out_dir: Path, stage: str | None = None, budget: float | None = None) -> StepContext:
         rule = self.plan.gates.get(stage) if stage else None
         extra = {"max_quality_drop": rule.max_quality_drop} if rule is not None else {}
         return StepContext(teacher=self.teacher, workload=self.workload, out_dir=out_dir, device=self.device,
-                           budget=self.plan.budget, log=self.log, resume=self.resume, task=self.task, **extra)
+                           budget=self.plan.budget if budget is None else budget, log=self.log, resume=self.resume,
+                           task=self.task, **extra)
+
+    def _key(self, exp: Experiment, steps: list[PlanStep]) -> str:
+        """The cache key of `exp`'s first steps: the plan's base key, or one with the
+        experiment's own budget in it (its steps train or calibrate differently)."""
+        base = self.base_key
+        if exp.budget is not None and exp.budget != self.plan.budget:
+            base = hashlib.sha256(f"{base}|budget={exp.budget!r}".encode()).hexdigest()
+        return _chain_key(base, steps)
 
     def _append_log(self, entry: dict) -> None:
         if self.rank == 0:
@@ -226,7 +240,7 @@ class PlanRunner:
         results, entering = [], model
         for k, step in enumerate(exp.steps):
             method = step.impl
-            key = _chain_key(self.base_key, exp.steps[: k + 1])
+            key = self._key(exp, exp.steps[: k + 1])
             folder, done_file = self._step_place(exp, step, key)
             entering = model
             if self.resume and done_file.is_file():
@@ -237,7 +251,7 @@ class PlanRunner:
                 if self.rank == 0 and remove_leftovers(folder):  # a step killed before: its temporary files go
                     self.log(f"{exp.id}: removed temporary files a stopped run left in {folder}")
                 start = time.perf_counter()
-                result = method.run(trainable_copy(model), self._ctx(folder, exp.stage), step.spec())
+                result = method.run(trainable_copy(model), self._ctx(folder, exp.stage, exp.budget), step.spec())
                 if self.rank == 0:
                     summary = _done_summary(result)
                     summary.update(method=step.method, variants={t: _done_summary(v) for t, v in result.variants.items()})
@@ -333,7 +347,7 @@ class PlanRunner:
         for r in results[:-1]:
             fields.update(r.fields)
         subject = StepResult(model=entering, artifact=None, fields=fields)
-        return self._measure_once(subject, make_exp_id("", combo, "FP32"), combo, _chain_key(self.base_key, exp.steps[:-1])).record
+        return self._measure_once(subject, make_exp_id("", combo, "FP32"), combo, self._key(exp, exp.steps[:-1])).record
 
     # -- experiments ----------------------------------------------------------------------------
     def run(self) -> list[ExperimentStatus]:
@@ -384,12 +398,13 @@ class PlanRunner:
             self.records[exp.id] = record
             return ExperimentStatus(exp.id, record.exp_id, "done", "", [], record, "P0",
                                     [self.baseline])
-        key = _chain_key(self.base_key, exp.steps)
+        key = self._key(exp, exp.steps)
         results, entering = self._run_steps(exp)
         if self.rank != 0:  # a non-main process under torchrun trains; rank 0 measures and writes
             return ExperimentStatus(exp.id, exp.exp_id or "", "done", stage=exp.stage)
         last = results[-1]
-        exp_id = exp.exp_id or make_exp_id("", exp.combo, _keyparams(exp.steps, last.fields, last.details))
+        exp_id = exp.exp_id or make_exp_id("", exp.combo, _keyparams(exp.steps, last.fields, last.details)
+                                            + budget_tag(exp.budget))
         subjects = self._subjects(exp, exp_id, results)
         cached = [self._cached(name, key) for name in subjects]
         if all(c is not None for c in cached):
@@ -418,6 +433,8 @@ class PlanRunner:
             fields.update(r.fields)
         hours = sum(r.device_hours for r in results)
         steps_note = f"steps: {' -> '.join(s.describe() for s in exp.steps)}"
+        if exp.budget is not None:
+            steps_note += f" at budget {exp.budget:g}"
         last = results[-1]
         chosen = {exp_id: last}
         if self.measure_variants and last.variants:

@@ -4,6 +4,8 @@ Writes into RUN_DIR/report/:
 - results.md  — every table below in Markdown (figures linked), full CSV linked;
 - results.tex — the results and gate tables as LaTeX booktabs tables;
 - pareto.png  — quality vs pair latency, marker area ∝ size, Pareto front, teacher reference;
+- budget_curve.png — quality against device-hours when the plan runs an experiment at several
+  budgets (pqk.report.budget_curve);
 - stages.png  — params, FLOPs, size and p50 latency per experiment relative to the teacher;
 - report.html — all of it on one page: images as base64 data URIs, no external asset;
 - budget_estimate.json — the `pqk budget` figures the budget table used (reused next time
@@ -31,6 +33,7 @@ from typing import Any, Callable
 from pqk.errors import InputError
 from pqk.pipeline.record import Record, atomic_write_text, ensure_writable_dir, write_json
 from pqk.report.accel_roi import SECTION_TITLE as ACCEL_TITLE, accel_section, has_accel_records
+from pqk.report.budget_curve import SECTION_TITLE as BUDGET_CURVE_TITLE, budget_section
 from pqk.report.cmapkd import SECTION_TITLE as CMAPKD_TITLE, cmapkd_section
 from pqk.report.scene_scale import FILE_NAME as SCENE_SCALE_FILE
 from pqk.report.scene_scale import SECTION_TITLE as SCENE_SCALE_TITLE
@@ -72,19 +75,27 @@ _JOINT_FIELDS = [("params_M", "params (M)"), ("size_MB", "size (MB)"), ("t_pair_
 
 
 def joint_table(records: list[Record]) -> Table | None:
-    """Joint PQK (one training run) beside sequential P→K→Q (three), when the run has both."""
+    """Joint PQK (one training run) beside the sequential paths, when the run has both: P→K→Q
+    (ρ applied to the teacher, so it ends larger) and K→P→Q (ρ applied to the student, the
+    matched comparison: the same final architecture as joint)."""
     joint = [r for r in records if r.combo == "PQK" and "_FP32" not in r.exp_id]
     sequential = [r for r in records if r.combo == "PKQ"]
-    if not joint or not sequential:
+    matched = [r for r in records if r.combo == "KPQ"]
+    if not joint or not (sequential or matched):
         return None
-    rows = [[r.exp_id, label, *(fmt(getattr(r, k)) for k, _ in _JOINT_FIELDS)]
-            for label, group in (("joint (1 run)", joint), ("sequential P→K→Q", sequential)) for r in group]
-    j, q = joint[0], sequential[0]
-    rows.append(["joint − sequential", "", *(fmt(_diff(getattr(j, k), getattr(q, k))) for k, _ in _JOINT_FIELDS)])
+    groups = (("joint (1 run)", joint), ("sequential P→K→Q (ρ on the teacher)", sequential),
+              ("sequential K→P→Q (ρ on the student: matched)", matched))
+    rows = [[r.exp_id, label, *(fmt(getattr(r, k)) for k, _ in _JOINT_FIELDS)] for label, group in groups for r in group]
+    j = joint[0]
+    for label, group in (("joint − P→K→Q", sequential), ("joint − K→P→Q", matched)):
+        if group:
+            rows.append([label, "", *(fmt(_diff(getattr(j, k), getattr(group[0], k))) for k, _ in _JOINT_FIELDS)])
     return Table(["exp_id", "path", *(h for _, h in _JOINT_FIELDS)], rows,
                  [False, False] + [True] * len(_JOINT_FIELDS),
-                 caption="Joint PQK vs sequential P→K→Q: the same student derivation, loss, ρ and W8A8 spec; joint prunes the "
-                         "student during its one run, P→K→Q prunes the teacher before deriving it. GPU-h counts every step each needed")
+                 caption="Joint PQK vs the sequential paths: the same student derivation, loss, ρ and W8A8 spec. Joint prunes "
+                         "the student during its one run; P→K→Q prunes the teacher before deriving the student (a larger "
+                         "end model); K→P→Q prunes the distilled student, the same final size as joint. GPU-h counts every "
+                         "step each needed")
 
 
 def _diff(a: Any, b: Any) -> float | None:
@@ -304,6 +315,7 @@ def build_report(
     if has_accel_records(data):
         page.accel = accel_section(data, Path(benchmarks), Path(tests_dir))
         data.notes.extend(page.accel[3])
+    page.budget_curve = budget_section(data, folder, files)  # None: no experiment run at two budgets
     files["results.md"] = folder / "results.md"
     atomic_write_text(files["results.md"], page.markdown())
     files["results.tex"] = folder / "results.tex"
@@ -321,6 +333,7 @@ class _Page:
     cmapkd: tuple[str, str, str, list[str]] | None = None  # the CMAPKD section (markdown, latex, html, notes)
     scene_scale: tuple[str, str, str, list[str]] | None = None  # the scene-scale section, same form
     accel: tuple[str, str, str, list[str]] | None = None  # the accelerations' ROI section, same form
+    budget_curve: tuple[str, str, str, list[str]] | None = None  # quality against budget, same form
 
     def __init__(self, data: RunData, run_dir: str | Path, metric: str, pareto: dict, files: dict, est: dict | None):
         self.data, self.run_dir, self.metric, self.pareto, self.files = data, run_dir, metric, pareto, files
@@ -353,6 +366,8 @@ class _Page:
             md += [f"\n## {SCENE_SCALE_TITLE}\n", self.scene_scale[0]]
         if self.accel is not None:
             md += [f"\n## {ACCEL_TITLE}\n", self.accel[0]]
+        if self.budget_curve is not None:
+            md += [f"\n## {BUDGET_CURVE_TITLE}\n", self.budget_curve[0]]
         md += ["\n## Gate verdicts\n", self.gates.markdown()]
         if self.budget_tab is not None:
             md += ["\n## Budget: estimate vs spent\n", self.budget_tab.markdown(), f"\n{self.budget_tab.caption}\n"]
@@ -366,7 +381,8 @@ class _Page:
         tex_results.caption = f"Results of plan {self.plan_name} on the frozen workload"
         return ("% pqk report: needs \\usepackage{booktabs}\n" + tex_results.latex(f"tab:{anchor(self.plan_name)}-results")
                 + "\n" + _latex_gates(self.gates, self.plan_name) + ("\n" + self.cmapkd[1] if self.cmapkd else "")
-                + ("\n" + self.scene_scale[1] if self.scene_scale else "") + ("\n" + self.accel[1] if self.accel else ""))
+                + ("\n" + self.scene_scale[1] if self.scene_scale else "") + ("\n" + self.accel[1] if self.accel else "")
+                + ("\n" + self.budget_curve[1] if self.budget_curve else ""))
 
     def html(self) -> str:
         data, files = self.data, self.files
@@ -385,6 +401,8 @@ class _Page:
             sections.append((SCENE_SCALE_TITLE, self.scene_scale[2]))
         if self.accel is not None:
             sections.append((ACCEL_TITLE, self.accel[2]))
+        if self.budget_curve is not None:
+            sections.append((BUDGET_CURVE_TITLE, self.budget_curve[2]))
         sections.append(("Gate verdicts", _gate_html(self.gates)))
         if self.budget_tab is not None:
             sections.append(("Budget: estimate vs spent", self.budget_tab.html()))

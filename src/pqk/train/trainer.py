@@ -82,6 +82,14 @@ class TrainSpec:
     scene_seed_base: int = TRAIN_SEED_BASE
     checkpoint_every: int = 25  # steps between mid-epoch last.pth writes
     lr_min_ratio: float = 0.05  # the cosine ends at lr * lr_min_ratio
+    # Progressive resolution: [[start fraction of the steps, width, height, batch_size], ...];
+    # before the first start the run trains at width x height with batch_size. The scenes are
+    # the same seeds rendered at each resolution. Students end at the workload's 512x384: the
+    # workload measures there, and RoPE positions and DPT features at 256x192 differ from it.
+    resolution_schedule: list = field(default_factory=list)
+    # Validation pairs' size; None: the resolution the run ends at (the last schedule entry's).
+    val_width: int | None = None
+    val_height: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("epochs", "steps_per_epoch", "batch_size", "width", "height", "n_scenes",
@@ -102,6 +110,12 @@ class TrainSpec:
             raise ConfigError(f"train.patience = {self.patience!r} is not accepted; expected an integer >= 1 or null")
         if self.width % 16 or self.height % 16:
             raise ConfigError(f"train.width x height = {self.width}x{self.height} is not accepted; expected multiples of 16")
+        self.resolution_schedule = _check_resolution_schedule(self.resolution_schedule)
+        if (self.val_width is None) != (self.val_height is None):
+            raise ConfigError("train.val_width and train.val_height go together: give both or neither")
+        if self.val_width is not None and (not _is_size(self.val_width) or not _is_size(self.val_height)):
+            raise ConfigError(f"train.val_width x val_height = {self.val_width}x{self.val_height} is not accepted; "
+                              "expected positive multiples of 16")
         if self.views_per_scene < 2:
             raise ConfigError(f"train.views_per_scene = {self.views_per_scene} is not accepted; expected >= 2")
         if not 0.0 <= self.stereo_fraction <= 1.0:
@@ -125,6 +139,21 @@ class TrainSpec:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    def stages(self) -> list[tuple[float, int, int, int]]:
+        """(start fraction, width, height, batch size) of each resolution, the first from 0."""
+        return [(0.0, self.width, self.height, self.batch_size), *(tuple(e) for e in self.resolution_schedule)]
+
+    def stage_at(self, progress: float) -> int:
+        """Index into `stages()` of the resolution trained at `progress` (0..1 of the steps)."""
+        return max(k for k, stage in enumerate(self.stages()) if progress >= stage[0])
+
+    def val_size(self) -> tuple[int, int]:
+        """(width, height) of the validation pairs."""
+        if self.val_width is not None:
+            return self.val_width, self.val_height  # type: ignore[return-value]
+        _, width, height, _ = self.stages()[-1]
+        return width, height
 
     def scaled(self, budget: float) -> "TrainSpec":
         """The same spec with the epoch count (and the scene pool, never above its size at
@@ -150,6 +179,26 @@ class FitResult:
     steps_done: int = 0
     world_size: int = 1
     skipped_steps: int = 0  # non-finite gradients: the optimizer step was skipped
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 16 and value % 16 == 0
+
+
+def _check_resolution_schedule(schedule: Any) -> list:
+    entries = []
+    for item in schedule or []:
+        ok = (isinstance(item, (list, tuple)) and len(item) == 4 and isinstance(item[0], (int, float))
+              and 0.0 < item[0] < 1.0 and _is_size(item[1]) and _is_size(item[2])
+              and isinstance(item[3], int) and not isinstance(item[3], bool) and item[3] >= 1)
+        if not ok:
+            raise ConfigError(f"train.resolution_schedule entry {item!r} is not accepted; expected "
+                              "[start fraction in (0, 1), width, height (multiples of 16), batch_size >= 1]")
+        entries.append([float(item[0]), int(item[1]), int(item[2]), int(item[3])])
+    starts = [e[0] for e in entries]
+    if starts != sorted(set(starts)):
+        raise ConfigError(f"train.resolution_schedule starts {starts} are not accepted; expected increasing fractions")
+    return entries
 
 
 # --- distributed helpers --------------------------------------------------------------------
@@ -202,7 +251,7 @@ def _broadcast(obj: Any, world: int) -> Any:
 # --- data -----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
 def _training_scenes(seed_base: int, count: int, width: int, height: int, views: int, stereo_fraction: float) -> list:
     # Cached (one pool): the runs of a grid train on the same scenes, generated once.
     return _scenes(seed_base, count, Stage(width, height, 1, 1, 0.0, count, stereo_fraction), views)
@@ -214,14 +263,17 @@ def _validation(width: int, height: int, n_scenes: int, n_pairs: int, views: int
     return _val_examples(Stage(width, height, 1, 1, 0.0, n_scenes), recipe)
 
 
-def training_scenes(spec: TrainSpec) -> list:
-    return _training_scenes(spec.scene_seed_base, spec.n_scenes, spec.width, spec.height,
+def training_scenes(spec: TrainSpec, stage: int = 0) -> list:
+    """The training scene pool rendered at the resolution of `spec.stages()[stage]`."""
+    _, width, height, _ = spec.stages()[stage]
+    return _training_scenes(spec.scene_seed_base, spec.n_scenes, width, height,
                             spec.views_per_scene, float(spec.stereo_fraction))
 
 
 def validation_examples(spec: TrainSpec) -> list[dict]:
-    """Held-out pairs (validation seed range), the same for every run with this shape."""
-    return _validation(spec.width, spec.height, spec.val_scenes, spec.val_pairs, spec.views_per_scene, spec.window, spec.seed)
+    """Held-out pairs (validation seed range) at `spec.val_size()`, the same for every run with this shape."""
+    width, height = spec.val_size()
+    return _validation(width, height, spec.val_scenes, spec.val_pairs, spec.views_per_scene, spec.window, spec.seed)
 
 
 def _to(d: dict, device: torch.device) -> dict:
@@ -366,9 +418,13 @@ class _Fit:
         """Scenes, the pair sampler (its RNG restored on resume), validation pairs, the DDP
         wrapper, train mode, the progress bar and the TensorBoard writer."""
         spec, model, dev, world, main = self.spec, self.model, self.dev, self.world, self.main
-        scenes = training_scenes(spec)
-        # Each rank draws its own pairs: the effective batch is world x batch_size.
-        self.sampler = PairSampler(scenes, window=spec.window, seed=spec.seed + 7919 * self.rank)
+        # Each rank draws its own pairs: the effective batch is world x batch_size. One pool per
+        # resolution, one random stream for all (so last.pth holds a single sampler state).
+        self.samplers = [PairSampler(training_scenes(spec, k), window=spec.window, seed=spec.seed + 7919 * self.rank)
+                         for k in range(len(spec.stages()))]
+        self.sampler = self.samplers[0]
+        for other in self.samplers[1:]:
+            other.rng = self.sampler.rng
         if self.rng_states is not None:
             _set_rng_state(self.rng_states[self.rank], self.sampler, dev)
         self.val = validation_examples(spec) if main else []
@@ -405,7 +461,8 @@ class _Fit:
         lr = warmup_cosine(self.step, self.total, self.warmup, spec.lr, spec.lr * spec.lr_min_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        view1, view2, gt = (_to(d, self.dev) for d in self.sampler.batch(spec.batch_size))
+        stage = spec.stage_at(self.step / self.total)
+        view1, view2, gt = (_to(d, self.dev) for d in self.samplers[stage].batch(spec.stages()[stage][3]))
         loss, logs = self.loss_fn(self.wrapped, view1, view2, gt, self.step / self.total)
         opt.zero_grad(set_to_none=True)
         loss.backward()
