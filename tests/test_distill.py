@@ -114,6 +114,17 @@ def test_channel_kl():
     std = t.std(-1, keepdim=True)
     half_var = 0.5 * ((s - t) / std).var(-1, unbiased=False).mean()
     assert float(channel_kl(s, t, 200.0)) == pytest.approx(float(half_var), rel=0.05)
+    # Unstandardised at a matched temperature: one scale for the whole batch. With equal spreads
+    # and zero means the two forms agree; with one map 5x wider the batch scale grows to 1.5, so
+    # the same error on the seven narrow maps weighs (1/1.5)^2 as much (measured 0.020 vs 0.039).
+    flat = torch.randn(2, 8, 300)
+    flat = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True)
+    noisy = flat + 0.3 * torch.randn_like(flat)
+    assert float(channel_kl(noisy, flat, 3.0, standardize=False)) == pytest.approx(float(channel_kl(noisy, flat, 3.0)), rel=1e-4)
+    wide = flat.clone()
+    wide[:, 0] *= 5
+    student = wide + 0.3 * torch.randn_like(wide)
+    assert float(channel_kl(student, wide, 3.0, standardize=False)) < 0.75 * float(channel_kl(student, wide, 3.0))
 
 
 def test_output_maps_ignore_global_scale(teacher):

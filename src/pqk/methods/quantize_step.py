@@ -310,10 +310,12 @@ def heldout_delta1_drop(float_model: torch.nn.Module, int8_model: torch.nn.Modul
     return {"delta1_fp32": ref, "delta1_int8": new, "drop": quality_drop(new, ref, "delta1"), "pairs": len(examples)}
 
 
-# A runtime must beat ONNX Runtime (which runs the deployed QDQ file itself) by this much to be
-# chosen: which runtime's quality a record reports must not flip with the timing noise of a
-# near-tie (measured: oneDNN 240 ms vs ORT 250 ms on one ablation changed its δ1 from 0.834 to 0.890).
-TIE_MARGIN = 0.10
+# A runtime must beat the preferred one (OpenVINO, else ONNX Runtime: both run the deployed QDQ
+# file itself) by this much to be chosen: which runtime's quality a record reports must not flip
+# with timing noise (measured: oneDNN 240 ms vs ORT 250 ms on one ablation changed its δ1 from
+# 0.834 to 0.890; with a 10 % margin the plan test's tiny K→Q, ORT 1.38-1.43 ms vs OpenVINO
+# 1.46-1.49 ms, still flipped between a run and its rerun on a quiet machine).
+TIE_MARGIN = 0.30
 
 
 def fastest_runtime(outcome: PtqOutcome, wanted: tuple[str, ...]) -> str:

@@ -51,14 +51,22 @@ def output_maps(res1: dict, res2: dict) -> torch.Tensor:
     return torch.cat(maps, dim=1)
 
 
-def channel_kl(student_maps: torch.Tensor, teacher_maps: torch.Tensor, T: float) -> torch.Tensor:
+def channel_kl(student_maps: torch.Tensor, teacher_maps: torch.Tensor, T: float,
+               standardize: bool = True) -> torch.Tensor:
     """Channel-wise distillation: KL(softmax(t/T) ‖ softmax(s/T)) over the last (spatial) axis,
     times T², averaged over maps and batch. Both are standardised by the teacher's spatial
-    mean/std first (see the module docstring)."""
-    mean = teacher_maps.mean(-1, keepdim=True)
+    mean/std first (see the module docstring). `standardize=False` is the unstandardised form
+    at a matched temperature: the maps as they are, divided by one scale for the whole batch
+    (the teacher maps' mean spatial std, detached) instead of each map's own, so T means the
+    same on average and only the per-map equalisation differs (the issue-18 comparison)."""
     std = teacher_maps.std(-1, keepdim=True).clamp_min(1e-6)
-    t = (teacher_maps - mean) / std
-    s = (student_maps - mean) / std
+    if standardize:
+        mean = teacher_maps.mean(-1, keepdim=True)
+        t = (teacher_maps - mean) / std
+        s = (student_maps - mean) / std
+    else:
+        scale = std.mean().detach()
+        t, s = teacher_maps / scale, student_maps / scale
     log_pt = F.log_softmax(t / T, dim=-1)
     log_ps = F.log_softmax(s / T, dim=-1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # (B, C)
@@ -159,7 +167,7 @@ class DistillLoss:
         if not spec.task_only:
             beta = spec.beta_at(progress)
             if beta > 0:
-                kl = channel_kl(output_maps(s1, s2), output_maps(t1, t2), spec.T)
+                kl = channel_kl(output_maps(s1, s2), output_maps(t1, t2), spec.T, spec.kl_standardize)
                 loss = loss + beta * kl
                 logs["kl"] = float(kl.detach())
                 logs["beta"] = beta

@@ -25,6 +25,9 @@ class DistillSpec:
     gamma: float = 0.0
     ratio: float = 0.3
     task_only: bool = False
+    # The KL's maps standardised each by the teacher's own spatial mean/std (True), or the
+    # unstandardised form at a matched temperature (False; see `channel_kl`).
+    kl_standardize: bool = True
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def __post_init__(self) -> None:
@@ -34,6 +37,8 @@ class DistillSpec:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name} = {v!r} is not accepted; expected a temperature > 0")
+        if not isinstance(self.kl_standardize, bool):
+            raise ConfigError(f"kl_standardize = {self.kl_standardize!r} is not accepted; expected true or false")
         for name in ("alpha", "beta", "gamma"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
