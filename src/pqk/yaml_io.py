@@ -32,6 +32,18 @@ def reject_unknown_keys(what: str, data: Any, known: set[str]) -> None:
         raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
 
 
+def read_config_mapping(path: Path, what: str, known: set[str]) -> dict:
+    """A method's config file as a dict (empty file: {}), refused in one line when it is not a
+    mapping or names a key outside `known`."""
+    from pqk.errors import ConfigError
+
+    data = read_yaml(Path(path), what, invalid=ConfigError) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of settings; got {type(data).__name__}")
+    reject_unknown_keys(f"{what} {path}", data, known)
+    return dict(data)
+
+
 def dataclass_from_mapping(cls, data, what: str):
     """`cls(**data)` for a config dataclass, with one-line errors for a non-mapping and for
     unknown keys (naming the accepted ones); the dataclass validates values itself."""

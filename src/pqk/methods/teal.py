@@ -299,12 +299,9 @@ class Teal(Method):
     default_config = "configs/teal.yaml"
 
     def load_spec(self, config: Path, options: Mapping[str, Any]) -> TealSpec:
-        from pqk.yaml_io import read_yaml, reject_unknown_keys
+        from pqk.yaml_io import read_config_mapping
 
-        data = read_yaml(Path(config), "teal config", invalid=ConfigError) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"teal config {config} must be a mapping")
-        reject_unknown_keys(f"teal config {config}", data, set(TealSpec.__dataclass_fields__))
+        data = read_config_mapping(config, "teal config", set(TealSpec.__dataclass_fields__))
         data = {**data, **{k: options[k] for k in self.options if k in options}}
         return TealSpec(**data)
 

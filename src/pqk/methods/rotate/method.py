@@ -159,13 +159,9 @@ class Rotate(Method):
     default_config = "configs/rotate.yaml"
 
     def load_spec(self, config: Path, options: Mapping[str, Any]) -> RotateSpec:
-        from pqk.yaml_io import read_yaml, reject_unknown_keys
+        from pqk.yaml_io import read_config_mapping
 
-        data = read_yaml(Path(config), "rotate config", invalid=ConfigError) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"rotate config {config} must be a mapping of settings; got {type(data).__name__}")
-        reject_unknown_keys(f"rotate config {config}", data, set(RotateSpec.__dataclass_fields__))
-        data = dict(data)
+        data = read_config_mapping(config, "rotate config", set(RotateSpec.__dataclass_fields__))
         given = [k for k in ("bits_w", "bits_a") if k in options]
         if "bits" in options:
             if given:
