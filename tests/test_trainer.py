@@ -17,6 +17,8 @@ from conftest import TINY_KWARGS
 from pqk.errors import ConfigError
 from pqk.models.dust3r import build_model
 from pqk.train.losses import conf_regression_loss
+from pqk.train.bookkeeping import _spec_key
+from pqk.train.ema import WeightAverage
 from pqk.train.trainer import TrainSpec, fit
 
 TESTS = Path(__file__).resolve().parent
@@ -29,8 +31,8 @@ def _spec(**over) -> TrainSpec:
 
 
 def _staged() -> TrainSpec:
-    """Half the steps at 64x48 (batch 2), then 96x64 (batch 1): the students' progressive recipe."""
-    return _spec(resolution_schedule=[[0.5, 96, 64, 1]])
+    """Half the steps at 64x48 (batch 2), then 96x64 (batch 1), weights averaged: the students' recipe."""
+    return _spec(resolution_schedule=[[0.5, 96, 64, 1]], ema_decay=0.9)
 
 
 def task_loss(model, view1, view2, gt, progress):
@@ -57,6 +59,9 @@ def test_spec_rejects_bad_values_in_one_line():
             _spec(resolution_schedule=bad)
     with pytest.raises(ConfigError, match="give both or neither"):
         _spec(val_width=96)
+    for bad in (1.0, -0.1, "0.9", True):
+        with pytest.raises(ConfigError, match="train.ema_decay"):
+            _spec(ema_decay=bad)
     scaled = TrainSpec(epochs=30, n_scenes=64).scaled(0.1)
     assert (scaled.epochs, scaled.n_scenes) == (3, 6)
     assert TrainSpec(epochs=30, n_scenes=64).scaled(2.0).n_scenes == 64
@@ -114,6 +119,31 @@ def test_progressive_resolution_switches_size_and_batch_and_validates_at_the_end
     from pqk.train.trainer import validation_examples
 
     assert {tuple(e["img1"].shape[-2:]) for e in validation_examples(spec)} == {(64, 96)}
+
+
+def test_weight_average_follows_its_formula_and_swaps_back():
+    model = torch.nn.Linear(2, 1)
+    start = model.weight.detach().clone()
+    ema = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # decay ramps: min(0.5, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.state["weight"], d * start + (1 - d) * (start + 1.0))
+    live = model.weight.detach().clone()
+    with ema.swapped_in(model) as averaged:
+        assert torch.equal(averaged.weight, ema.state["weight"])
+    assert torch.equal(model.weight, live)
+
+
+def test_a_run_with_ema_validates_and_keeps_the_averaged_weights(tmp_path):
+    result = fit(_tiny(), task_loss, _spec(epochs=1, ema_decay=0.9), tmp_path, show_progress=False, log=lambda _m: None)
+    last = torch.load(tmp_path / "last.pth", weights_only=True)
+    kept = result.model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in last["ema"]["state"].items())
+    assert any(not torch.equal(kept[k], v) for k, v in last["model"].items() if v.is_floating_point())
+    # A last.pth written without EMA (as before the field existed) still resumes a run without it.
+    assert "ema_decay" not in _spec_key(_spec()) and _spec_key(_spec(ema_decay=0.9))["ema_decay"] == 0.9
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):

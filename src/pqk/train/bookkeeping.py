@@ -51,8 +51,12 @@ def _as_tuple(x: Any) -> Any:
 
 
 def _spec_key(spec: TrainSpec) -> dict:
-    # What must match for a checkpoint to continue this run exactly.
-    return asdict(spec)
+    # What must match for a checkpoint to continue this run exactly. EMA off is left out, so
+    # last.pth files written before the field existed still resume.
+    key = asdict(spec)
+    if not key.get("ema_decay"):
+        key.pop("ema_decay", None)
+    return key
 
 
 # --- progress and the log -------------------------------------------------------------------

@@ -35,6 +35,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ from pqk.errors import ConfigError
 from pqk.train.bookkeeping import (
     _atomic_save, _cpu_state, _progress, _rng_state, _set_rng_state, _short, _spec_key, _tensorboard, _write_log,
 )
+from pqk.train.ema import WeightAverage
 from pqk.train.schedule import warmup_cosine
 from pqk.train.teacher import TRAIN_SEED_BASE, VAL_SEED_BASE, Stage, TeacherRecipe, _scenes, _val_examples, validate
 
@@ -90,6 +92,9 @@ class TrainSpec:
     # Validation pairs' size; None: the resolution the run ends at (the last schedule entry's).
     val_width: int | None = None
     val_height: int | None = None
+    # Validate and keep an exponential moving average of the weights with this decay (0: the
+    # weights themselves). pqk.train.ema says why short runs need it.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("epochs", "steps_per_epoch", "batch_size", "width", "height", "n_scenes",
@@ -120,6 +125,8 @@ class TrainSpec:
             raise ConfigError(f"train.views_per_scene = {self.views_per_scene} is not accepted; expected >= 2")
         if not 0.0 <= self.stereo_fraction <= 1.0:
             raise ConfigError(f"train.stereo_fraction = {self.stereo_fraction!r} is not accepted; expected 0..1")
+        if not isinstance(self.ema_decay, (int, float)) or isinstance(self.ema_decay, bool) or not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay = {self.ema_decay!r} is not accepted; expected 0 (off) or a number in (0, 1), e.g. 0.99")
         if not 0.0 <= self.lr_min_ratio <= 1.0:
             raise ConfigError(f"train.lr_min_ratio = {self.lr_min_ratio!r} is not accepted; expected 0..1")
         # Training scenes must stay inside the training range: below it lie the workload's
@@ -360,6 +367,7 @@ class _Fit:
         self.epoch_sums: dict[str, float] = {}
         self.rng_states = None
         self.best_state = None
+        self.ema = WeightAverage(model, spec.ema_decay) if spec.ema_decay > 0 else None
 
     def restore(self, resume: bool) -> None:
         """Start over (stale checkpoints removed) or continue from last.pth."""
@@ -388,6 +396,8 @@ class _Fit:
             self.best_key, self.best_epoch, self.best_val = state["best_key"], state["best_epoch"], state["best_val"]
             self.bad_epochs, self.stopped, self.finished = state["bad_epochs"], state["stopped"], state["finished"]
             self.epoch_sums, self.rng_states = state["epoch_sums"], state["rng"]
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
             if best_path.exists():
                 self.best_state = torch.load(best_path, map_location="cpu", weights_only=True)
             self.log(f"{self.name}: resuming at step {self.step}/{self.total} (epoch {self.step // spec.steps_per_epoch + 1})"
@@ -452,6 +462,7 @@ class _Fit:
             "skipped_steps": self.skipped, "best_key": self.best_key, "best_epoch": self.best_epoch,
             "best_val": self.best_val, "bad_epochs": self.bad_epochs, "stopped": self.stopped, "finished": self.finished,
             "epoch_sums": {} if epoch_done else self.epoch_sums, "rng": rngs,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }, self.last_path)
 
     def _train_step(self, epoch_end: int) -> None:
@@ -475,6 +486,8 @@ class _Fit:
         norm = torch.nn.utils.clip_grad_norm_(self.params, spec.grad_clip)
         if torch.isfinite(norm):
             opt.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
         else:  # identical on every rank (gradients are already averaged)
             self.skipped += 1
             opt.zero_grad(set_to_none=True)
@@ -498,7 +511,9 @@ class _Fit:
         """Validate (rank 0, verdict broadcast), keep the best, decide on stopping, log, and
         write last.pth and the JSON log."""
         spec, model, name, main, step = self.spec, self.model, self.name, self.main, self.step
-        metrics = _validate(model, self.val, self.dev) if main else None
+        with self.ema.swapped_in(model) if self.ema is not None else nullcontext(model) as judged:
+            metrics = _validate(judged, self.val, self.dev) if main else None
+            kept = _cpu_state(judged)  # the weights judged are the weights a better epoch keeps
         metrics = _broadcast(metrics, self.world)
         key = metrics["absrel"] if math.isfinite(metrics["absrel"]) else math.inf
         improved = self.best_key is None or key < self.best_key
@@ -510,7 +525,7 @@ class _Fit:
         self.epoch_sums = {}
         if improved:
             self.best_key, self.best_epoch, self.best_val, self.bad_epochs = key, epoch + 1, dict(metrics), 0
-            self.best_state = {"model": _cpu_state(model), "extra": _cpu_state(self.extras), "epoch": epoch + 1, "val": dict(metrics)}
+            self.best_state = {"model": kept, "extra": _cpu_state(self.extras), "epoch": epoch + 1, "val": dict(metrics)}
             if main:
                 _atomic_save(self.best_state, self.best_path)
         else:
