@@ -86,6 +86,19 @@ def test_early_stopping_and_outputs(tmp_path):
         fit(_tiny(), frozen, _spec(epochs=7, patience=2, weight_decay=0.0), tmp_path, show_progress=False, log=lambda _m: None)
 
 
+def test_patience_counts_only_epochs_at_the_final_resolution(tmp_path):
+    # Validation runs at the final resolution: epochs 2-3 (all at 64x48) must not count, or a
+    # long run would stop before it ever trains at the size it is judged at.
+    def frozen(model, view1, view2, gt, progress):
+        res1, _ = model(view1, view2)
+        return res1["pts3d"].sum() * 0.0, {"loss": 0.0}
+
+    spec = _spec(epochs=6, patience=2, weight_decay=0.0, resolution_schedule=[[0.5, 96, 64, 1]])
+    result = fit(_tiny(), frozen, spec, tmp_path, show_progress=False, log=lambda _m: None)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert result.stopped_early and result.best_epoch == 1
+
+
 _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

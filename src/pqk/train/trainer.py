@@ -69,7 +69,7 @@ class TrainSpec:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    patience: int | None = 3  # epochs without a better val absrel before stopping; None = never
+    patience: int | None = 3  # epochs at the final resolution without a better val absrel before stopping; None = never
     width: int = 512
     height: int = 384
     n_scenes: int = 64
@@ -528,7 +528,9 @@ class _Fit:
             self.best_state = {"model": kept, "extra": _cpu_state(self.extras), "epoch": epoch + 1, "val": dict(metrics)}
             if main:
                 _atomic_save(self.best_state, self.best_path)
-        else:
+        elif spec.stage_at((step - 1) / self.total) == len(spec.stages()) - 1:
+            # Only epochs at the final resolution count toward patience: validation runs at that
+            # resolution, so the earlier, lower-resolution epochs are expected not to improve on it.
             self.bad_epochs += 1
         stopped = self.stopped = spec.patience is not None and self.bad_epochs >= spec.patience and epoch + 1 < spec.epochs
         self.finished = stopped or epoch + 1 >= spec.epochs
