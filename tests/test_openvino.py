@@ -107,3 +107,27 @@ def test_attn8_method_is_quantize_with_8bit_attention() -> None:
         method.load_spec(Path("configs/quant.yaml"), {"variant": "fp4"})
     with pytest.raises(ConfigError, match="attention: unknown mode 'int4'"):
         QuantSpec(attention="int4")
+
+
+def test_linears_compile_as_matmuls_with_the_files_integers(files: dict, pair: tuple) -> None:
+    import onnx
+
+    from pqk.backends.openvino_form import matmul_form
+
+    proto = onnx.load(str(files["onnx_int8"]))
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    scales = {n.input[0]: tuple(n.input[1:]) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert gemms and matmul_form(proto) == len(gemms)
+    onnx.checker.check_model(proto)
+    assert not any(n.op_type == "Gemm" for n in proto.graph.node)
+    # Each Linear's input is quantized with the scale and zero point it had before the rewrite.
+    new_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("pqk_ov_Q")]
+    assert len(new_q) == len(gemms) and all(tuple(n.input[1:]) in set(scales.values()) for n in new_q)
+    # Quantizing the 3-D tensor gives the integers of the 2-D one; only float summation order and
+    # the rounding flips it causes differ, which must stay well inside the INT8 error itself.
+    as_file = OvPairRunner(files["onnx_int8"], threads=2, linears_as_matmul=False)
+    as_matmul = OvPairRunner(files["onnx_int8"], threads=2)
+    assert as_file.rewritten_linears == 0 and as_matmul.rewritten_linears == len(gemms)
+    fp32 = _outputs(OrtPairRunner(files["onnx_fp32"], threads=2)(*pair))
+    for a, b, ref in zip(_outputs(as_file(*pair)), _outputs(as_matmul(*pair)), fp32):
+        assert rel_l2(b, a) <= max(rel_l2(a, ref), 1e-3)

@@ -3,7 +3,9 @@
 OpenVINO reads the QDQ file that ONNX Runtime runs and executes its Linear layers on the
 CPU's INT8 kernels (VNNI / AMX), fusing the Q/DQ pairs itself: the same integers, a
 faster engine on x86 (shared/design/cpu-int8-notes.md: 3.9x eager FP32 vs ONNX Runtime's
-2.8x on the full-size model). Nothing here needs torch.
+2.8x on the full-size model). Nothing here needs torch. The file's Linears, Gemms wrapped in
+Reshapes for ONNX Runtime, are compiled as MatMuls on the token tensor, the form OpenVINO fuses
+with its bias (pqk.backends.openvino_form: the same integers, rewritten in memory).
 
 Precision is always set explicitly: OpenVINO's CPU default (`INFERENCE_PRECISION_HINT`) is
 bf16 on machines with bf16 instructions, so a "fp32" model would silently run in bf16.
@@ -63,7 +65,8 @@ class OvPairRunner(PairGraphRunner):
 
     engine = "OpenVINO"
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None, precision: str = "auto"):
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None, precision: str = "auto",
+                 linears_as_matmul: bool = True):
         super().__init__(path, threads)
         if precision not in (*PRECISIONS, "auto"):
             raise InputError(f"OpenVINO precision {precision!r} is not known; accepted: auto, {', '.join(PRECISIONS)}")
@@ -76,6 +79,9 @@ class OvPairRunner(PairGraphRunner):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"OpenVINO cannot read {self.path}: {first}") from exc
         self.quantized = any(op.get_type_name() in QUANTIZED_OPS for op in model.get_ops())
+        self.rewritten_linears = 0
+        if self.quantized and linears_as_matmul:
+            model = self._matmul_form(core, model)
         if precision == "auto":
             precision = int8_precision() if self.quantized else "f32"
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
@@ -90,6 +96,23 @@ class OvPairRunner(PairGraphRunner):
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
+
+    def _matmul_form(self, core, model):
+        """The file's Linears as MatMuls on the token tensor (pqk.backends.openvino_form), read
+        from memory; `model` itself when there is nothing to rewrite."""
+        import io
+
+        import onnx
+
+        from pqk.backends.openvino_form import matmul_form
+
+        proto = onnx.load(str(self.path))
+        self.rewritten_linears = matmul_form(proto)
+        if not self.rewritten_linears:
+            return model
+        data = proto.SerializeToString()
+        del proto
+        return core.read_model(io.BytesIO(data))
 
     def _infer(self, imgs: list[np.ndarray]) -> list[np.ndarray]:
         self.request.infer(dict(zip(INPUT_NAMES, imgs)))
