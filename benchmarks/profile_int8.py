@@ -45,10 +45,11 @@ def openvino_profile(path: Path, feeds: dict, threads: int, runs: int) -> dict[s
     """ms per pair by kind (median-free: the mean of `runs` profiled calls after one warm-up)."""
     import openvino as ov
 
-    from pqk.backends.openvino_runtime import int8_precision
+    from pqk.backends.openvino_runtime import int8_precision, matmul_form_model
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+    model, _ = matmul_form_model(core, path, core.read_model(str(path)))  # the form OvPairRunner compiles
+    compiled = core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": int8_precision(), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
         "INFERENCE_NUM_THREADS": str(threads), "PERF_COUNT": "YES"})
     request = compiled.create_infer_request()

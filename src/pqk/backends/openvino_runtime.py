@@ -60,6 +60,24 @@ def int8_precision() -> str:
     return INT8_PRECISION if INT8_PRECISION in supported_precisions() else "f32"
 
 
+def matmul_form_model(core, path: str | os.PathLike[str], model):
+    """(the model at `path` with its Linears as MatMuls on the token tensor, how many were
+    rewritten): pqk.backends.openvino_form, applied in memory; `model` itself when none is."""
+    import io
+
+    import onnx
+
+    from pqk.backends.openvino_form import matmul_form
+
+    proto = onnx.load(str(path))
+    rewritten = matmul_form(proto)
+    if not rewritten:
+        return model, 0
+    data = proto.SerializeToString()
+    del proto
+    return core.read_model(io.BytesIO(data)), rewritten
+
+
 class OvPairRunner(PairGraphRunner):
     """OpenVINO (CPU) runner of a pqk pair graph: one compiled model, latency mode, one stream."""
 
@@ -81,7 +99,7 @@ class OvPairRunner(PairGraphRunner):
         self.quantized = any(op.get_type_name() in QUANTIZED_OPS for op in model.get_ops())
         self.rewritten_linears = 0
         if self.quantized and linears_as_matmul:
-            model = self._matmul_form(core, model)
+            model, self.rewritten_linears = matmul_form_model(core, self.path, model)
         if precision == "auto":
             precision = int8_precision() if self.quantized else "f32"
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
@@ -96,23 +114,6 @@ class OvPairRunner(PairGraphRunner):
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output(name) for name in OUTPUT_NAMES]
-
-    def _matmul_form(self, core, model):
-        """The file's Linears as MatMuls on the token tensor (pqk.backends.openvino_form), read
-        from memory; `model` itself when there is nothing to rewrite."""
-        import io
-
-        import onnx
-
-        from pqk.backends.openvino_form import matmul_form
-
-        proto = onnx.load(str(self.path))
-        self.rewritten_linears = matmul_form(proto)
-        if not self.rewritten_linears:
-            return model
-        data = proto.SerializeToString()
-        del proto
-        return core.read_model(io.BytesIO(data))
 
     def _infer(self, imgs: list[np.ndarray]) -> list[np.ndarray]:
         self.request.infer(dict(zip(INPUT_NAMES, imgs)))
