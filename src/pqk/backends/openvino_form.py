@@ -5,7 +5,7 @@ only as `DQ -> Gemm` (pqk.methods.quantize.prepare). A Gemm is 2-D, so ORT's pre
 wraps each Linear in Reshapes: `x (B, N, ...) -> Reshape (B·N, K) -> Q -> DQ -> Gemm -> Reshape`.
 OpenVINO keeps those Reshapes in its compiled graph and, with a Reshape between the MatMul and
 the bias, cannot fuse the bias into its INT8 FullyConnected: on the embedded teacher its
-compiled graph held 86 more Reshapes and 60 more element-wise kernels (bias additions) than the
+compiled graph held 85 more Reshapes and 59 more element-wise kernels (bias additions) than the
 same model quantized by NNCF, whose graph has no Gemm.
 
 `matmul_form` rewrites each such Linear as `x -> [Reshape (B, N, K)] -> Q -> DQ -> MatMul -> Add`,
