@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pair_latency import FULL_SIZE_512_DPT, nncf_peer  # noqa: E402
+from pair_latency import add_model_choice, chosen_model, nncf_peer  # noqa: E402
 
 from pqk.backends.openvino_runtime import OvPairRunner  # noqa: E402
 from pqk.measure.machine import Contention, isa_label  # noqa: E402
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize  # noqa: E402
-from pqk.models.dust3r import build_model, load_checkpoint  # noqa: E402
 
 COUNTED = ("FullyConnected", "Reshape", "Subgraph", "Eltwise", "Transpose", "Reorder", "FakeQuantize", "Convolution")
 
@@ -52,8 +51,7 @@ def layer_counts(compiled) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="A DUSt3R checkpoint (default: the bundled teacher).")
-    parser.add_argument("--full-size", action="store_true", help="The full-size DUSt3R 512 DPT architecture, random weights.")
+    add_model_choice(parser)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--rounds", type=int, default=20, help="Interleaved timed rounds (each runs every model once).")
@@ -65,14 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds {args.rounds} / --calib {args.calib}: expected integers >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(42)
-    if args.full_size:
-        model, name = build_model(**FULL_SIZE_512_DPT), "dust3r_512_dpt_full_size"
-    else:
-        from pqk.assets import default_checkpoint
-
-        path = args.model or default_checkpoint()[0]
-        model, name = load_checkpoint(path), Path(path).stem
-    model.eval()
+    model, name = chosen_model(args)
     spec = QuantSpec(calibration={"size": args.calib, "method": "minmax"})
     calib = calibration_pairs(spec, args.width, args.height)
     img1, img2 = calib[0]

@@ -53,6 +53,24 @@ FULL_SIZE_512_DPT = dict(
 PEER = "openvino+NNCF int8 (peer)"
 
 
+def add_model_choice(parser: argparse.ArgumentParser) -> None:
+    """--model / --full-size, as the single-model benchmarks (profile_int8, openvino_forms) take them."""
+    parser.add_argument("--model", type=Path, default=None, help="A DUSt3R checkpoint (default: the bundled teacher).")
+    parser.add_argument("--full-size", action="store_true", help="The full-size DUSt3R 512 DPT architecture, random weights.")
+
+
+def chosen_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode, its name) for `add_model_choice`'s arguments."""
+    if args.full_size:
+        model, name = build_model(**FULL_SIZE_512_DPT), "dust3r_512_dpt_full_size"
+    else:
+        from pqk.assets import default_checkpoint
+
+        path = args.model or default_checkpoint()[0]
+        model, name = load_checkpoint(path), Path(path).stem
+    return model.eval(), name
+
+
 def nncf_peer(onnx_fp32: Path, calib: list, threads: int):
     """The peer's INT8 model: NNCF PTQ of the FP32 ONNX file on pqk's calibration pairs, compiled
     by OpenVINO with its INT8 precision setting (bf16 float parts where the CPU has bf16)."""

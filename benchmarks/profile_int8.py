@@ -26,6 +26,9 @@ from pqk.measure.machine import isa_label
 from pqk.methods.quantize import QuantSpec, calibration_pairs, quantize
 from pqk.methods.quantize.spec import ATTENTION_MODES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pair_latency import add_model_choice, chosen_model  # noqa: E402
+
 # OpenVINO layer types (after its fusions) and ONNX Runtime op types -> one kind.
 KINDS = {
     "FullyConnected": "Linear (INT8 GEMM)", "QGemm": "Linear (INT8 GEMM)", "MatMulIntegerToFloat": "Linear (INT8 GEMM)",
@@ -89,8 +92,7 @@ def ort_profile(path: Path, feeds: dict, threads: int, runs: int) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="A DUSt3R checkpoint (default: the bundled teacher).")
-    parser.add_argument("--full-size", action="store_true", help="The full-size DUSt3R 512 DPT architecture, random weights.")
+    add_model_choice(parser)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--calib", type=int, default=8, help="Calibration pairs (speed does not depend on them).")
@@ -102,19 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(42)
-    from pqk.models.dust3r import build_model, load_checkpoint
-
-    if args.full_size:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from pair_latency import FULL_SIZE_512_DPT
-
-        model, name = build_model(**FULL_SIZE_512_DPT), "dust3r_512_dpt_full_size"
-    else:
-        from pqk.assets import default_checkpoint
-
-        path = args.model or default_checkpoint()[0]
-        model, name = load_checkpoint(path), Path(path).stem
-    model.eval()
+    model, name = chosen_model(args)
     modes = ["float"] + ([args.attention] if args.attention != "float" else [])
     report = {"machine": f"{isa_label()}, {args.threads} threads", "model": name, "shape": f"{args.width}x{args.height}",
               "runs": args.runs, "profiles": {}}
